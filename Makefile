@@ -1,0 +1,38 @@
+# Every target works alone on a fresh clone: it creates .venv and installs the package first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+.PHONY: setup data train compare test lint ui clean
+
+$(BIN)/digitlab: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/digitlab
+
+data: setup
+	$(BIN)/digitlab data $(ARGS)
+
+train: setup
+	$(BIN)/digitlab train $(ARGS)
+
+compare: setup
+	$(BIN)/digitlab compare $(ARGS)
+
+test: setup
+	$(BIN)/pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+# The MLflow UI on the same store that the commands write to.
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -1,0 +1,119 @@
+"""`digitlab` command line: parse, call the library, report. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from digitlab.errors import Terminated, UserError
+
+ALL_EXPERIMENTS = ["dnn", "basic_cnn", "optimized_cnn", "deep_cnn", "lenet5", "kaggle_cnn", "wide_cnn"]
+
+
+def _overrides(pairs: list[str]) -> dict:
+    from digitlab.config import parse_override
+
+    return dict(parse_override(p) for p in pairs)
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2  # progress bars on a terminal, a line per epoch in logs
+
+
+def cmd_data(args) -> int:
+    from digitlab import data
+
+    directory = Path(args.data_dir)
+    if not directory.exists():
+        data.write_embedded(directory)
+        print(f"wrote the embedded MNIST subset to {directory}/ in Kaggle layout")
+    print(data.describe(data.load(directory)))
+    return 0
+
+
+def _experiment_config(name: str, args):
+    from digitlab import config
+
+    overrides = _overrides(args.set or [])
+    if args.epochs:  # 0 keeps the experiment's own (the MLproject default)
+        overrides["training.epochs"] = args.epochs
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    return config.load_experiment(name, overrides)
+
+
+def cmd_train(args) -> int:
+    from digitlab import data, tracking
+
+    cfg = _experiment_config(args.experiment, args)  # bad config or data: fail before any run
+    dataset = data.load(args.data_dir)
+    uri = tracking.configure()
+    run_id, result = tracking.train_tracked(cfg, dataset, verbose=_verbose())
+    print(f"\n{cfg.name}: best val_accuracy {result.best_val_accuracy:.4f}", end="")
+    if result.holdout_accuracy is not None:
+        print(f", holdout_accuracy {result.holdout_accuracy:.4f}", end="")
+    print(f"\nMLflow run {run_id} in {uri}\nbrowse it with: make ui  (or: mlflow ui --backend-store-uri {uri})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from digitlab import compare, data, tracking
+
+    names = [n for n in args.experiments.replace(",", " ").split() if n]
+    configs = [_experiment_config(n, args) for n in names]
+    dataset = data.load(args.data_dir)
+    uri = tracking.configure()
+    table = compare.compare(configs, dataset, verbose=_verbose())
+    print()
+    print(table.drop(columns=["run_id"]).to_string(index=False))
+    print(f"\ncomparison logged to {uri}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="digitlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir(p):
+        p.add_argument("--data-dir", default="data/digit-recognizer",
+                       help="Kaggle-layout or MNIST IDX directory (default: the embedded MNIST subset)")
+
+    def training_options(p):
+        p.add_argument("--epochs", type=int, help="override training.epochs (0: the experiment's own)")
+        p.add_argument("--seed", type=int, help="override the experiment's seed")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set model.dropout=0.3 (repeatable)")
+        data_dir(p)
+
+    p = sub.add_parser("data", help="write the embedded default data, or check a data directory")
+    data_dir(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train one experiment, tracked in MLflow")
+    p.add_argument("--experiment", default="kaggle_cnn",
+                   help="experiment name (experiments/NAME.yaml) or path to a YAML file")
+    training_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several experiments under one parent run")
+    p.add_argument("--experiments", default=",".join(ALL_EXPERIMENTS),
+                   help="comma-separated experiment names (default: all seven)")
+    training_options(p)
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"digitlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("digitlab: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("digitlab: terminated", file=sys.stderr)
+        return 143

@@ -1,0 +1,42 @@
+"""`digitlab compare`: several experiments, one parent run, a comparison chart."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+
+from digitlab import plots, tracking
+from digitlab.config import ExperimentConfig
+from digitlab.data import DigitData
+
+
+def compare(configs: list[ExperimentConfig], data: DigitData, name: str = "compare",
+            verbose: int | str = "auto") -> pd.DataFrame:
+    """Train each config as a nested run; log a table and a chart to the parent run."""
+    rows = []
+    with tracking.run(name):
+        mlflow.log_params({"experiments": ",".join(c.name for c in configs),
+                           "data.digest": data.digest})
+        mlflow.set_tag("data_digest", data.digest)
+        for config in configs:
+            print(f"--- {config.name} ---", flush=True)
+            run_id, result = tracking.train_tracked(config, data, nested=True, verbose=verbose)
+            rows.append(
+                {
+                    "experiment": config.name,
+                    "run_id": run_id,
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "final_val_loss": result.history["val_loss"][-1],
+                    "holdout_accuracy": result.holdout_accuracy,
+                    "parameters": result.model.count_params(),
+                    "epochs_trained": result.epochs_trained,
+                    "train_seconds": round(result.train_seconds, 2),
+                }
+            )
+        table = pd.DataFrame(rows)
+        tracking.log_table(table, "comparison.csv")
+        tracking.log_figure(plots.comparison(rows), "plots/comparison.png")
+        best = table.loc[table["best_val_accuracy"].idxmax()]
+        mlflow.set_tags({"best_experiment": best["experiment"], "best_run_id": best["run_id"]})
+        mlflow.log_metric("best_val_accuracy", float(best["best_val_accuracy"]))
+    return table

@@ -1,0 +1,300 @@
+"""Experiment configuration: typed dataclasses, YAML loading and dotted overrides.
+
+An experiment file holds only what differs from the defaults below. Overrides
+(`--set model.dropout=0.3`, or a search trial's sampled values) go through the
+same checks as the file: unknown keys and wrong types are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from digitlab.errors import ConfigError
+
+EXPERIMENTS_DIR = Path("experiments")
+
+
+@dataclass
+class ConvBlock:
+    """Convolutions of equal kernel size, then pooling, then the model's conv dropout."""
+
+    filters: list[int]
+    kernel_size: int = 3
+    pool: str = "max"  # max | avg | none
+
+
+@dataclass
+class ModelConfig:
+    blocks: list[ConvBlock] = field(default_factory=list)
+    input_padding: int = 0  # zero pixels added on each side (LeNet-5 works on 32x32)
+    padding: str = "valid"  # conv padding: valid | same
+    activation: str = "relu"
+    batch_norm: bool = False
+    width: float = 1.0  # multiplies every conv filter count: the search's conv-width knob
+    conv_dropout: float = 0.0  # after every conv block
+    dense_units: list[int] = field(default_factory=lambda: [128])
+    dropout: float = 0.5  # after every hidden dense layer
+    l2: float = 0.0  # kernel regularisation of conv and dense layers
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam | rmsprop | sgd
+    learning_rate: float = 1e-3
+    momentum: float = 0.0  # sgd only
+
+
+@dataclass
+class EarlyStopping:
+    enabled: bool = False
+    monitor: str = "val_loss"
+    patience: int = 5
+
+
+@dataclass
+class ReduceLROnPlateau:
+    enabled: bool = False
+    monitor: str = "val_accuracy"
+    factor: float = 0.5
+    patience: int = 3
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    validation_fraction: float = 0.1
+    # learning-rate annealer: lr = learning_rate * lr_decay ** epoch (1.0 = off)
+    lr_decay: float = 1.0
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    reduce_lr: ReduceLROnPlateau = field(default_factory=ReduceLROnPlateau)
+    # keep the weights of the best epoch (by val_accuracy), as checkpointing would
+    restore_best: bool = False
+    mixed_precision: bool = False
+
+
+@dataclass
+class AugmentationConfig:
+    enabled: bool = False
+    rotation: float = 10.0  # degrees
+    zoom: float = 0.1  # fraction
+    shift: float = 0.1  # fraction of the image size
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, lists kept whole (what MLflow logs as params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- building dataclasses from plain data, with type checks ----------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    config = _build(ExperimentConfig, data, "")
+    validate(config)
+    return config
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Value checks that types alone cannot express."""
+    m, t, o, a = config.model, config.training, config.optimizer, config.augmentation
+    checks = [
+        (m.padding in ("valid", "same"), "model.padding must be 'valid' or 'same'"),
+        (all(b.pool in ("max", "avg", "none") for b in m.blocks),
+         "model.blocks.*.pool must be 'max', 'avg' or 'none'"),
+        (all(f > 0 for b in m.blocks for f in b.filters), "conv filters must be positive"),
+        (all(b.kernel_size > 0 for b in m.blocks), "model.blocks.*.kernel_size must be positive"),
+        (m.width > 0, "model.width must be positive"),
+        (0 <= m.dropout < 1 and 0 <= m.conv_dropout < 1, "dropout must be in [0, 1)"),
+        (m.l2 >= 0, "model.l2 must be >= 0"),
+        (m.input_padding >= 0, "model.input_padding must be >= 0"),
+        (all(u > 0 for u in m.dense_units), "model.dense_units must be positive"),
+        (o.name in ("adam", "rmsprop", "sgd"), "optimizer.name must be adam, rmsprop or sgd"),
+        (o.learning_rate > 0, "optimizer.learning_rate must be positive"),
+        (t.epochs >= 1, "training.epochs must be >= 1"),
+        (t.batch_size >= 1, "training.batch_size must be >= 1"),
+        (0 < t.validation_fraction < 1, "training.validation_fraction must be in (0, 1)"),
+        (0 < t.lr_decay <= 1, "training.lr_decay must be in (0, 1]"),
+        (a.rotation >= 0 and a.zoom >= 0 and a.shift >= 0, "augmentation strengths must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{config.name}: {message}")
+
+
+# --- overrides --------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with a YAML value: `model.dropout=0.3`, `model.dense_units=[256]`."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: value is not valid YAML") from None
+    return key.strip(), value
+
+
+def apply_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A new config with dotted keys replaced; lists are indexed by number (`blocks.0.filters`)."""
+    data = config.to_dict()
+    for key, value in overrides.items():
+        node: Any = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, dict):
+                if part not in node:
+                    raise ConfigError(f"override {key!r}: unknown key {here!r}")
+                if last:
+                    node[part] = value
+                else:
+                    node = node[part]
+            elif isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key!r}: no item {here!r}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])!r} is not a section")
+    return from_dict(data)
+
+
+# --- experiment files -------------------------------------------------------------
+
+
+def experiment_path(name_or_path: str) -> Path:
+    """An experiment by name (`basic_cnn` -> experiments/basic_cnn.yaml) or by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        candidates = [path]
+    else:
+        candidates = [EXPERIMENTS_DIR / f"{name_or_path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(available_experiments()) or "none found"
+    raise ConfigError(f"experiment {name_or_path!r} not found (available: {known})")
+
+
+def available_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    path = experiment_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data.setdefault("name", path.stem)
+    try:
+        config = from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return apply_overrides(config, overrides or {})

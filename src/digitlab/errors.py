@@ -1,0 +1,17 @@
+"""Errors that are the user's to fix: the CLI prints them on one line and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input (a file, a config, an option). The message names what and where."""
+
+
+class DataError(UserError):
+    """A data file is malformed; the message names the file, line and column."""
+
+
+class ConfigError(UserError):
+    """An experiment file or an override is invalid."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so that an MLflow run ends KILLED, not RUNNING."""

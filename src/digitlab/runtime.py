@@ -1,0 +1,57 @@
+"""The backend environment: quiet start-up, seeds, device, precision.
+
+This is the one module that may speak to a specific backend; models and
+training stay on Keras 3 APIs.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def backend() -> str:
+    return keras.backend.backend()
+
+
+def device_name() -> str:
+    """'CPU', or the name of the first GPU that the backend sees."""
+    name = backend()
+    try:
+        if name == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if gpus:
+                details = tf.config.experimental.get_device_details(gpus[0])
+                return details.get("device_name", "GPU")
+        elif name == "jax":
+            import jax
+
+            gpus = [d for d in jax.devices() if d.platform == "gpu"]
+            if gpus:
+                return gpus[0].device_kind
+        elif name == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name(0)
+    except Exception:  # a broken driver means CPU, not a crash
+        return "CPU"
+    return "CPU"
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same CPU: same weights, same batches, same metrics."""
+    keras.utils.set_random_seed(seed)
+    if backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Multi-threaded reductions otherwise differ in the last bits from run to run.
+        tf.config.experimental.enable_op_determinism()
+
+
+def set_precision(mixed: bool) -> str:
+    """Mixed float16 only pays off (and is only numerically safe enough) on a GPU."""
+    policy = "mixed_float16" if mixed and device_name() != "CPU" else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy

@@ -1,0 +1,220 @@
+"""Everything MLflow: where runs go, how they end, and what each one records."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import math
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+
+from digitlab import plots, runtime, train
+from digitlab.config import ExperimentConfig
+from digitlab.data import DigitData
+from digitlab.errors import Terminated
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "digit-recognizer"
+ARTIFACT_DIR = "mlartifacts"
+MODEL_NAME = "model"
+
+
+def configure() -> str:
+    """Point MLflow at the store and experiment; returns the tracking URI.
+
+    Under `mlflow run` (MLFLOW_RUN_ID set) the run and its experiment are already
+    chosen, and we log into them.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return uri
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            # Beside the database, not MLflow's ./mlruns default, so the UI finds it.
+            location = Path(ARTIFACT_DIR).resolve().as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass  # created meanwhile by a parallel process
+    mlflow.set_experiment(name)
+    return uri
+
+
+@contextlib.contextmanager
+def run(name: str, nested: bool = False, tags: dict | None = None):
+    """A run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C/SIGTERM."""
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        restore = signal.signal(signal.SIGTERM, _raise_terminated)
+    active = mlflow.start_run(run_name=name, nested=nested, tags=tags)
+    try:
+        yield active
+    except (KeyboardInterrupt, Terminated):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics to the active run, step = epoch (1-based, as Keras prints it)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {
+            key: float(logs[key])
+            for key in train.EPOCH_METRICS
+            if key in (logs or {}) and math.isfinite(float(logs[key]))
+        }
+        if metrics:
+            mlflow.log_metrics(metrics, step=epoch + 1, run_id=self.run_id)
+
+
+def log_setup(config: ExperimentConfig, data: DigitData) -> None:
+    """What is known before training: config, data, environment. A failed run keeps it."""
+    params = {key: str(value) for key, value in config.flat().items() if key != "description"}
+    params.update({"data.source": data.source, "data.digest": data.digest,
+                   "data.train_rows": len(data.train_labels), "data.test_rows": len(data.test_images)})
+    mlflow.log_params(params)
+    mlflow.set_tags(
+        {
+            "experiment": config.name,
+            "seed": config.seed,
+            "backend": runtime.backend(),
+            "device": runtime.device_name(),
+            "data_digest": data.digest,
+            **({"git_commit": commit} if (commit := git_commit()) else {}),
+            **{f"version.{p}": v for p, v in package_versions().items()},
+        }
+    )
+    if config.description:
+        mlflow.set_tag("mlflow.note.content", config.description)
+    mlflow.log_text(config.to_yaml(), "config.yaml")
+    dataset = mlflow.data.from_numpy(
+        data.train_images[:1],  # schema only: the digest below identifies the content
+        targets=data.train_labels[:1],
+        name="digit-recognizer",
+        digest=data.digest[:32],
+    )
+    mlflow.log_input(dataset, context="training")
+
+
+def log_result(result: train.Result) -> None:
+    """Metrics, figures, tables and the model, once training has ended."""
+    split = result.split
+    metrics = {
+        "best_val_accuracy": result.best_val_accuracy,
+        "val_accuracy_final_model": result.val_accuracy,
+        "best_epoch": result.best_epoch + 1,
+        "epochs_trained": result.epochs_trained,
+        "train_seconds": result.train_seconds,
+        "parameters": result.model.count_params(),
+    }
+    if result.holdout_accuracy is not None:
+        metrics["holdout_accuracy"] = result.holdout_accuracy
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
+    mlflow.set_tag("precision", result.precision)
+
+    title = result.config.name
+    predicted = result.val_probabilities.argmax(1)
+    log_figure(plots.training_curves(result.history, title), "plots/training_curves.png")
+    counts = plots.confusion_counts(split.val_labels, predicted)
+    log_figure(plots.confusion_matrix(counts, f"{title}: validation confusion matrix"),
+                "plots/confusion_matrix.png")
+    mlflow.log_text(
+        pd.DataFrame(counts, index=pd.Index(range(10), name="true"),
+                     columns=[f"pred_{i}" for i in range(10)]).to_csv(),
+        "confusion_matrix.csv",
+    )
+    show = slice(0, 32)
+    log_figure(plots.image_grid(split.val_images[show], split.val_labels[show], predicted[show],
+                                 f"{title}: sample validation predictions"),
+                "plots/sample_predictions.png")
+    wrong = np.flatnonzero(predicted != split.val_labels)[:32]
+    log_figure(plots.image_grid(split.val_images[wrong], split.val_labels[wrong], predicted[wrong],
+                                 f"{title}: misclassified validation images"),
+                "plots/misclassified.png")
+    log_model(result)
+
+
+def log_model(result: train.Result) -> None:
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(result.split.val_images[:2], result.val_probabilities[:2])
+    mlflow.keras.log_model(
+        result.model,
+        name=MODEL_NAME,
+        signature=signature,
+        # Pinned from this environment: inferring requirements costs a subprocess per model.
+        pip_requirements=[f"{p}=={v}" for p, v in package_versions().items() if p != "mlflow"],
+    )
+
+
+def log_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+def log_table(frame: pd.DataFrame, path: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / Path(path).name
+        frame.to_csv(file, index=False)
+        mlflow.log_artifact(str(file), str(Path(path).parent) if Path(path).parent.name else None)
+
+
+def package_versions() -> dict[str, str]:
+    names = ["keras", runtime.backend() if runtime.backend() != "torch" else "torch", "mlflow",
+             "numpy"]
+    versions = {}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def train_tracked(config: ExperimentConfig, data: DigitData, nested: bool = False,
+                  callbacks: list | None = None, tags: dict | None = None,
+                  verbose: int | str = "auto") -> tuple[str, train.Result]:
+    """One tracked training run: setup logged first, then `train.run`, then the results."""
+    with run(config.name, nested=nested, tags=tags) as active:
+        log_setup(config, data)
+        logger = EpochLogger(active.info.run_id)
+        result = train.run(config, data, callbacks=[logger, *(callbacks or [])], verbose=verbose)
+        log_result(result)
+        return active.info.run_id, result

@@ -1,0 +1,184 @@
+"""The single training path: `run(config, data, callbacks) -> Result`.
+
+`digitlab train`, `digitlab compare` and every search trial call this function;
+a trial differs from a plain run only by its config overrides and the extra
+callbacks it passes (MLflow logging, pruning).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from digitlab import data as data_mod
+from digitlab import models, runtime
+from digitlab.config import ExperimentConfig
+from digitlab.data import DigitData, Split
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+
+
+@dataclass
+class Result:
+    config: ExperimentConfig
+    model: keras.Model  # the classifier alone, without the augmentation layers
+    split: Split
+    history: dict[str, list[float]]
+    val_probabilities: np.ndarray
+    holdout_probabilities: np.ndarray | None
+    holdout_accuracy: float | None
+    train_seconds: float
+    precision: str
+    diverged: bool = False  # the loss became NaN or infinite
+
+    @property
+    def epochs_trained(self) -> int:
+        return len(self.history.get("loss", []))
+
+    @property
+    def best_val_accuracy(self) -> float:
+        values = [v for v in self.history.get("val_accuracy", []) if math.isfinite(v)]
+        return max(values) if values else float("nan")
+
+    @property
+    def best_epoch(self) -> int:
+        values = self.history.get("val_accuracy", [])
+        return int(np.nanargmax(values)) if values and not np.all(np.isnan(values)) else -1
+
+    @property
+    def val_accuracy(self) -> float:
+        """Accuracy of the returned model (the best epoch's, when weights were restored)."""
+        return float(np.mean(self.val_probabilities.argmax(1) == self.split.val_labels))
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Adds the epoch's learning rate to the logs and keeps every epoch's values.
+
+    It runs first, so later callbacks (MLflow, pruning) see `learning_rate` too,
+    and it reads the rate before plateau reduction changes it for the next epoch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[float]] = {}
+        self.diverged = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        for key in EPOCH_METRICS:
+            if key in logs:
+                self.history.setdefault(key, []).append(float(logs[key]))
+        if not math.isfinite(float(logs.get("loss", 0.0))):
+            self.diverged = True
+            self.model.stop_training = True
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the best validation accuracy and restores them.
+
+    The seed project checkpointed the best model to disk; holding the weights in
+    memory gives the same model without file I/O every epoch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.best = -math.inf
+        self.weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_accuracy", -math.inf)
+        if value > self.best:
+            self.best, self.weights = value, self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+def recipe_callbacks(config: ExperimentConfig) -> list[keras.callbacks.Callback]:
+    t = config.training
+    callbacks: list[keras.callbacks.Callback] = []
+    if t.lr_decay < 1.0:
+        base, decay = config.optimizer.learning_rate, t.lr_decay
+        callbacks.append(keras.callbacks.LearningRateScheduler(lambda epoch: base * decay**epoch))
+    if t.reduce_lr.enabled:
+        r = t.reduce_lr
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=r.monitor, factor=r.factor, patience=r.patience, min_lr=r.min_lr
+            )
+        )
+    if t.early_stopping.enabled:
+        e = t.early_stopping
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=e.monitor, patience=e.patience, restore_best_weights=not t.restore_best
+            )
+        )
+    if t.restore_best:
+        callbacks.append(BestWeights())
+    return callbacks
+
+
+def run(
+    config: ExperimentConfig,
+    data: DigitData,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+) -> Result:
+    """Build, compile and fit the experiment; evaluate on validation and, if known, holdout."""
+    runtime.seed_everything(config.seed)
+    precision = runtime.set_precision(config.training.mixed_precision)
+    split = data_mod.split(data, config.training.validation_fraction, config.seed)
+
+    keras.backend.clear_session()
+    classifier = models.build(config)
+    augment = models.augmentation(config.augmentation, config.seed)
+    # Augmentation layers sit in front of the classifier only while training, so the
+    # model that is logged and served never carries them.
+    trainable = keras.Sequential([augment, classifier]) if augment else classifier
+    trainable.compile(
+        optimizer=models.optimizer(config.optimizer),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    recorder = EpochRecorder()
+    started = time.perf_counter()
+    trainable.fit(
+        split.train_images,
+        split.train_labels,
+        batch_size=config.training.batch_size,
+        epochs=config.training.epochs,
+        validation_data=(split.val_images, split.val_labels),
+        callbacks=[recorder, *(callbacks or []), *recipe_callbacks(config)],
+        shuffle=True,
+        verbose=verbose,
+    )
+    train_seconds = time.perf_counter() - started
+
+    val_probabilities = predict(classifier, split.val_images)
+    holdout_probabilities = holdout_accuracy = None
+    if data.test_labels is not None:
+        holdout_probabilities = predict(classifier, data.test_images)
+        holdout_accuracy = float(np.mean(holdout_probabilities.argmax(1) == data.test_labels))
+    return Result(
+        config=config,
+        model=classifier,
+        split=split,
+        history=recorder.history,
+        val_probabilities=val_probabilities,
+        holdout_probabilities=holdout_probabilities,
+        holdout_accuracy=holdout_accuracy,
+        train_seconds=train_seconds,
+        precision=precision,
+        diverged=recorder.diverged,
+    )
+
+
+def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)

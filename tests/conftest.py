@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny real data in Kaggle layout, and an isolated MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory) -> Path:
+    """The embedded default, written once per test session."""
+    from digitlab import data
+
+    return data.write_embedded(tmp_path_factory.mktemp("embedded") / "digit-recognizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(embedded_dir, tmp_path_factory) -> Path:
+    """300 training rows (30 per class) and 50 test rows with solution: real digits, fast."""
+    from digitlab import data
+
+    full = data.load_kaggle_dir(embedded_dir)
+    out = tmp_path_factory.mktemp("tiny") / "digit-recognizer"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    train_idx = np.concatenate(
+        [rng.choice(np.flatnonzero(full.train_labels == c), 30, replace=False) for c in range(10)]
+    )
+    train_idx = rng.permutation(train_idx)
+    pixels = np.rint(full.train_images[train_idx].reshape(-1, 784) * 255).astype(int)
+    data._write_int_csv(out / "train.csv", data.TRAIN_HEADER,
+                        np.column_stack([full.train_labels[train_idx], pixels]))
+    test_pixels = np.rint(full.test_images[:50].reshape(-1, 784) * 255).astype(int)
+    data._write_int_csv(out / "test.csv", data.PIXEL_COLUMNS, test_pixels)
+    data._write_int_csv(out / "solution.csv", data.SOLUTION_HEADER,
+                        np.column_stack([np.arange(1, 51), full.test_labels[:50]]))
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh working directory with the repository's experiments and its own MLflow store."""
+    shutil.copytree(REPO / "experiments", tmp_path / "experiments")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from digitlab import config, data, models, train
+
+# Pinned so that an accidental architecture change fails loudly.
+PARAMETERS = {
+    "dnn": 101_770,
+    "basic_cnn": 1_199_882,
+    "optimized_cnn": 1_200_554,
+    "deep_cnn": 1_181_514,
+    "lenet5": 61_706,
+    "kaggle_cnn": 888_874,
+    "wide_cnn": 231_468,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_parameter_count_and_output_shape(name, workdir):
+    model = models.build(config.load_experiment(name))
+    assert model.count_params() == PARAMETERS[name]
+    assert model.input_shape == (None, 28, 28, 1)
+    assert model.output_shape == (None, 10)
+    probabilities = model.predict(np.zeros((3, 28, 28, 1), np.float32), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_lenet5_pads_to_32x32_inside_the_model(workdir):
+    model = models.build(config.load_experiment("lenet5"))
+    assert model.get_layer("pad").output.shape[1:3] == (32, 32)
+    assert model.get_layer("conv1_1").output.shape[1:] == (28, 28, 6)
+
+
+def test_width_scales_every_conv_layer(workdir):
+    cfg = config.load_experiment("kaggle_cnn", {"model.width": 0.5})
+    model = models.build(cfg)
+    filters = [layer.filters for layer in model.layers if layer.name.startswith("conv") and hasattr(layer, "filters")]
+    assert filters == [16, 16, 32, 32]
+
+
+def test_l2_adds_regularisation_losses(workdir):
+    plain = models.build(config.load_experiment("basic_cnn"))
+    regularised = models.build(config.load_experiment("basic_cnn", {"model.l2": 1e-3}))
+    assert len(plain.losses) == 0
+    assert len(regularised.losses) == 3  # two convs and the hidden dense layer
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_each_experiment_trains_one_epoch(name, workdir, tiny_dir):
+    cfg = config.load_experiment(name, {"training.epochs": 1})
+    result = train.run(cfg, data.load(tiny_dir), verbose=0)
+    assert result.epochs_trained == 1
+    assert set(result.history) == set(train.EPOCH_METRICS)
+    assert 0.0 <= result.best_val_accuracy <= 1.0
+    assert result.val_probabilities.shape == (len(result.split.val_labels), 10)
+    assert result.holdout_accuracy is not None
