@@ -24,12 +24,15 @@ from digitlab.errors import Terminated
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "digit-recognizer"
-ARTIFACT_DIR = "mlartifacts"
 MODEL_NAME = "model"
 
 
 def configure() -> str:
     """Point MLflow at the store and experiment; returns the tracking URI.
+
+    Artifacts go where MLflow puts them for the store: with the SQLite default,
+    files under ./mlruns/ beside mlflow.db, the same whether `digitlab` or
+    `mlflow run` created the experiment.
 
     Under `mlflow run` (MLFLOW_RUN_ID set) the run and its experiment are already
     chosen, and we log into them.
@@ -39,16 +42,10 @@ def configure() -> str:
     if os.environ.get("MLFLOW_RUN_ID"):
         return uri
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if uri.startswith("sqlite:"):
-            # Beside the database, not MLflow's ./mlruns default, so the UI finds it.
-            location = Path(ARTIFACT_DIR).resolve().as_uri()
-        try:
-            mlflow.create_experiment(name, artifact_location=location)
-        except mlflow.exceptions.MlflowException:
-            pass  # created meanwhile by a parallel process
-    mlflow.set_experiment(name)
+    try:
+        mlflow.set_experiment(name)
+    except mlflow.exceptions.MlflowException:
+        mlflow.set_experiment(name)  # a parallel process created it first
     return uri
 
 

@@ -1,0 +1,49 @@
+"""The MLproject entry points, run the way users run them: `mlflow run . --env-manager local`."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+
+ALL = ["dnn", "basic_cnn", "optimized_cnn", "deep_cnn", "lenet5", "kaggle_cnn", "wide_cnn"]
+
+
+def mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.CompletedProcess:
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy(REPO / name, workdir / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    args = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", entry,
+            "--env-manager", "local", "--experiment-name", "digit-recognizer"]
+    for p in params:
+        args += ["-P", p]
+    return subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+
+
+def finished_runs(workdir: Path):
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list")
+
+
+def test_main_entry_point(workdir, tiny_dir):
+    proc = mlflow_run(workdir, "main", "experiment=dnn", "epochs=1", f"data_dir={tiny_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = finished_runs(workdir)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["experiment"] == "dnn"
+    assert "best_val_accuracy" in run.data.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ALL)
+def test_main_entry_point_for_each_experiment_on_the_embedded_default(workdir, experiment):
+    proc = mlflow_run(workdir, "main", f"experiment={experiment}", "epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = finished_runs(workdir)
+    assert run.data.params["data.train_rows"] == "4000"
+    assert run.data.metrics["holdout_accuracy"] > 0.5
