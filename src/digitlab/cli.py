@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from digitlab.errors import Terminated, UserError
+from digitlab.errors import SearchFailed, Terminated, UserError
 
 ALL_EXPERIMENTS = ["dnn", "basic_cnn", "optimized_cnn", "deep_cnn", "lenet5", "kaggle_cnn", "wide_cnn"]
 
@@ -71,6 +71,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from digitlab import search
+
+    settings = search.make_settings(
+        args.space, engine=args.engine, trials=args.trials, max_epochs=args.max_epochs,
+        workers=args.workers, storage=args.storage or None, study=args.study or None,
+        data_dir=args.data_dir, seed=args.seed,
+    )
+    summary = search.run(settings)
+    if summary.get("already_finished"):
+        return 0
+    best = summary["best"]
+    states = ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items()))
+    print(f"\nstudy {summary['study']}: {states}")
+    if best:
+        print(f"best trial {best['number']}: {settings.space.metric} {best['value']:.4f} "
+              f"(MLflow run {best['run_id']})")
+    print(f"parent MLflow run {summary['parent_run_id']}; browse it with: make ui")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digitlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated experiment names (default: all seven)")
     training_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("search", help="run (or resume) a hyperparameter search")
+    p.add_argument("--space", default="search/default.yaml", help="search-space file")
+    p.add_argument("--engine", default="optuna", help="optuna or kerastuner")
+    p.add_argument("--trials", type=int, default=0, help="trial budget in total (0: the file's)")
+    p.add_argument("--max-epochs", type=int, default=0, help="epochs per trial at most (0: the file's)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument("--storage", default="",
+                   help="Optuna storage: a journal file (default optuna.journal) or an RDB URL; "
+                        "KerasTuner: a directory (default kerastuner/)")
+    p.add_argument("--study", default="", help="study name (default: <space>-<engine>); same name resumes")
+    p.add_argument("--seed", type=int, default=42)
+    data_dir(p)
+    p.set_defaults(func=cmd_search)
     return parser
 
 
@@ -111,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"digitlab: error: {exc}", file=sys.stderr)
         return 2
+    except SearchFailed as exc:
+        print(f"digitlab: search stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("digitlab: interrupted", file=sys.stderr)
         return 130

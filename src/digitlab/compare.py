@@ -34,7 +34,7 @@ def compare(configs: list[ExperimentConfig], data: DigitData, name: str = "compa
                 }
             )
         table = pd.DataFrame(rows)
-        tracking.log_table(table, "comparison.csv")
+        mlflow.log_text(table.to_csv(index=False), "comparison.csv")
         tracking.log_figure(plots.comparison(rows), "plots/comparison.png")
         best = table.loc[table["best_val_accuracy"].idxmax()]
         mlflow.set_tags({"best_experiment": best["experiment"], "best_run_id": best["run_id"]})

@@ -15,3 +15,7 @@ class ConfigError(UserError):
 
 class Terminated(BaseException):
     """SIGTERM, raised as an exception so that an MLflow run ends KILLED, not RUNNING."""
+
+
+class SearchFailed(Exception):
+    """The search itself stopped (e.g. several trials failed in a row); exit status 1."""

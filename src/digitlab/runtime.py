@@ -6,7 +6,12 @@ training stay on Keras 3 APIs.
 
 from __future__ import annotations
 
+import logging
+
 import keras
+
+# Building a fresh model per trial makes TensorFlow warn about retracing; that is expected.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def backend() -> str:
@@ -38,6 +43,20 @@ def device_name() -> str:
     except Exception:  # a broken driver means CPU, not a crash
         return "CPU"
     return "CPU"
+
+
+def gpu_count() -> int:
+    """GPUs on this machine, without starting a backend (worker processes pick theirs)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
 
 
 def seed_everything(seed: int) -> None:

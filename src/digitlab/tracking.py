@@ -8,9 +8,7 @@ import math
 import os
 import signal
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import keras
 import mlflow
@@ -49,15 +47,26 @@ def configure() -> str:
     return uri
 
 
+class RunHandle:
+    """The run being recorded; set `status` to end it other than FINISHED (e.g. a pruned trial)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.status = "FINISHED"
+
+
 @contextlib.contextmanager
-def run(name: str, nested: bool = False, tags: dict | None = None):
+def run(name: str | None = None, nested: bool = False, tags: dict | None = None,
+        parent_run_id: str | None = None, experiment_id: str | None = None):
     """A run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C/SIGTERM."""
     restore = None
     if threading.current_thread() is threading.main_thread():
         restore = signal.signal(signal.SIGTERM, _raise_terminated)
-    active = mlflow.start_run(run_name=name, nested=nested, tags=tags)
+    active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id,
+                              experiment_id=experiment_id)
+    handle = RunHandle(active.info.run_id)
     try:
-        yield active
+        yield handle
     except (KeyboardInterrupt, Terminated):
         mlflow.end_run("KILLED")
         raise
@@ -65,7 +74,7 @@ def run(name: str, nested: bool = False, tags: dict | None = None):
         mlflow.end_run("FAILED")
         raise
     else:
-        mlflow.end_run("FINISHED")
+        mlflow.end_run(handle.status)
     finally:
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)
@@ -121,8 +130,8 @@ def log_setup(config: ExperimentConfig, data: DigitData) -> None:
     mlflow.log_input(dataset, context="training")
 
 
-def log_result(result: train.Result) -> None:
-    """Metrics, figures, tables and the model, once training has ended."""
+def log_result(result: train.Result, with_model: bool = True) -> None:
+    """Metrics, figures, tables and (unless told otherwise) the model, once training has ended."""
     split = result.split
     metrics = {
         "best_val_accuracy": result.best_val_accuracy,
@@ -156,7 +165,8 @@ def log_result(result: train.Result) -> None:
     log_figure(plots.image_grid(split.val_images[wrong], split.val_labels[wrong], predicted[wrong],
                                  f"{title}: misclassified validation images"),
                 "plots/misclassified.png")
-    log_model(result)
+    if with_model:
+        log_model(result)
 
 
 def log_model(result: train.Result) -> None:
@@ -179,13 +189,6 @@ def log_figure(fig, path: str) -> None:
     plt.close(fig)
 
 
-def log_table(frame: pd.DataFrame, path: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / Path(path).name
-        frame.to_csv(file, index=False)
-        mlflow.log_artifact(str(file), str(Path(path).parent) if Path(path).parent.name else None)
-
-
 def package_versions() -> dict[str, str]:
     names = ["keras", runtime.backend() if runtime.backend() != "torch" else "torch", "mlflow",
              "numpy"]
@@ -206,12 +209,11 @@ def git_commit() -> str | None:
 
 
 def train_tracked(config: ExperimentConfig, data: DigitData, nested: bool = False,
-                  callbacks: list | None = None, tags: dict | None = None,
                   verbose: int | str = "auto") -> tuple[str, train.Result]:
     """One tracked training run: setup logged first, then `train.run`, then the results."""
-    with run(config.name, nested=nested, tags=tags) as active:
+    with run(config.name, nested=nested) as active:
         log_setup(config, data)
-        logger = EpochLogger(active.info.run_id)
-        result = train.run(config, data, callbacks=[logger, *(callbacks or [])], verbose=verbose)
+        logger = EpochLogger(active.run_id)
+        result = train.run(config, data, callbacks=[logger], verbose=verbose)
         log_result(result)
-        return active.info.run_id, result
+        return active.run_id, result

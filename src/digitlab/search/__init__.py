@@ -1,0 +1,171 @@
+"""`digitlab search`: a study over one search-space file, on Optuna or KerasTuner.
+
+The flow is the same for both engines: load data (bad data stops us before
+anything exists), open or resume the study, reopen or create its parent MLflow
+run, recover trials that a killed process left RUNNING, run the trials (in
+this process, or in N worker processes), then summarise into the parent run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import threading
+import time
+
+from digitlab import data as data_mod
+from digitlab import runtime, tracking
+from digitlab.errors import SearchFailed, Terminated, UserError
+from digitlab.search import report
+from digitlab.search.settings import ENGINES, Settings
+from digitlab.search.space import SearchSpace, load
+
+
+def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
+                  max_epochs: int | None = None, workers: int = 1, storage: str | None = None,
+                  study: str | None = None, data_dir: str | None = None, seed: int = 42) -> Settings:
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if engine == "kerastuner" and workers > 1:
+        raise UserError("the kerastuner engine runs one worker; use --engine optuna for --workers > 1")
+    space: SearchSpace = load(space_path)
+    budget = {}
+    if trials:
+        budget["trials"] = trials
+    if max_epochs:
+        budget["max_epochs"] = max_epochs
+    space = dataclasses.replace(space, **budget)
+    if space.trials < 1 or space.max_epochs < 1:
+        raise UserError("--trials and --max-epochs must be positive")
+    return Settings(space=space, engine=engine, study=study or f"{space.name}-{engine}",
+                    storage=storage, workers=workers, data_dir=data_dir, seed=seed)
+
+
+def _engine(settings: Settings):
+    if settings.engine == "kerastuner":
+        from digitlab.search.kerastuner_engine import KerasTunerEngine
+
+        return KerasTunerEngine(settings)
+    from digitlab.search.optuna_engine import OptunaEngine
+
+    return OptunaEngine(settings)
+
+
+class Progress:
+    """A trial progress bar: finished trials out of the budget, best value so far."""
+
+    def __init__(self, engine, settings: Settings) -> None:
+        from tqdm import tqdm
+
+        self.engine, self.metric = engine, settings.space.metric
+        self.bar = tqdm(total=settings.trials, initial=engine.finished(), unit="trial",
+                        desc=f"search {settings.study}", dynamic_ncols=True)
+        self.last = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(2.0):
+            self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            done, best = self.engine.finished(), self.engine.best()
+        except Exception:  # a busy storage only delays the bar
+            return
+        state = (min(done, self.bar.total), best)
+        if state == self.last:
+            return  # redraw only on news, so logs stay readable
+        self.last = state
+        self.bar.n = state[0]
+        if best:
+            self.bar.set_postfix({f"best {self.metric}": f"{best[0]:.4f}", "trial": best[1]},
+                                 refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.refresh()
+        self.bar.close()
+
+
+def run(settings: Settings) -> dict:
+    """Run (or resume) the study to its budget; returns the summary."""
+    dataset = data_mod.load(settings.data_dir)
+    engine = _engine(settings)
+    engine.check_compatible()
+    finished = engine.finished()
+    if finished >= settings.trials:
+        print(f"study {settings.study!r} is already finished ({finished} of {settings.trials} "
+              "trials); nothing to do")
+        return {"already_finished": True, "best": engine.best()}
+    tracking.configure()
+    parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
+    engine.set_parent_run_id(parent_run_id)
+    recovered = engine.recover_interrupted(report.end_trial_run_killed)
+    if recovered:
+        print(f"trials {recovered} were interrupted: marked FAIL, their runs KILLED, parameters queued again")
+
+    progress = Progress(engine, settings)
+    status = "FAILED"
+    try:
+        if settings.workers == 1:
+            engine.work(dataset, parent_run_id, experiment_id)
+        else:
+            run_workers(settings, parent_run_id, experiment_id)
+        status = "FINISHED"
+    except (KeyboardInterrupt, Terminated):
+        status = "KILLED"
+        raise
+    finally:
+        progress.close()
+        summary = report.finish(settings, parent_run_id, engine.rows(), status=status)
+    summary.update(parent_run_id=parent_run_id, study=settings.study)
+    return summary
+
+
+# --- parallel workers --------------------------------------------------------------
+
+
+def run_workers(settings: Settings, parent_run_id: str, experiment_id: str) -> None:
+    """N worker processes on one study; worker i sees only GPU i mod G."""
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked TF state
+    gpus = runtime.gpu_count()
+    processes = []
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        for i in range(settings.workers):
+            if gpus:
+                os.environ["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+            p = context.Process(target=_worker, name=f"digitlab-worker-{i}", daemon=True,
+                                args=(settings, parent_run_id, experiment_id, os.getpid()))
+            p.start()
+            processes.append(p)
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    for p in processes:
+        p.join()
+    failed = [f"{p.name} (exit {p.exitcode})" for p in processes if p.exitcode != 0]
+    if failed:
+        raise SearchFailed(f"worker(s) failed: {', '.join(failed)}")
+
+
+def _worker(settings: Settings, parent_run_id: str, experiment_id: str, parent_pid: int) -> None:
+    # A worker must not outlive its coordinator, even when that is SIGKILLed.
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    tracking.configure()
+    engine = _engine(settings)
+    engine.work(data_mod.load(settings.data_dir), parent_run_id, experiment_id)

@@ -1,0 +1,182 @@
+"""KerasTuner engine: Hyperband, random or Bayesian search over the same space file.
+
+KerasTuner keeps its study in a directory (`--storage`, default `kerastuner/`,
+one project per study). Beside its own files we keep `digitlab.json`: the space
+fingerprint, the parent MLflow run and each trial's MLflow run. Hyperband gives
+each trial its number of epochs (`tuner/epochs`); trials train from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from digitlab.data import atomic_write_bytes
+from digitlab.errors import SearchFailed, UserError
+from digitlab.search import trial as trial_mod
+from digitlab.search.settings import Settings
+
+DEFAULT_DIRECTORY = "kerastuner"
+
+
+def _hyperparameters(settings: Settings):
+    import keras_tuner as kt
+
+    hp = kt.HyperParameters()
+    for p in settings.space.params:
+        if p.kind == "categorical":
+            hp.Choice(p.key, [trial_mod.encode(c) for c in p.choices])
+        elif p.kind == "int":
+            hp.Int(p.key, int(p.low), int(p.high), step=int(p.step) if p.step else None,
+                   sampling="log" if p.log else "linear")
+        else:
+            hp.Float(p.key, p.low, p.high, step=p.step, sampling="log" if p.log else "linear")
+    return hp
+
+
+def _oracle(settings: Settings):
+    import keras_tuner as kt
+
+    space = settings.space
+    common = dict(
+        objective=kt.Objective(space.metric, "max" if space.direction == "maximize" else "min"),
+        hyperparameters=_hyperparameters(settings),
+        allow_new_entries=False,
+        tune_new_entries=False,
+        seed=settings.seed,
+        max_consecutive_failed_trials=space.max_consecutive_failures,
+    )
+    if space.tuner == "hyperband":
+        # Many brackets, so that the trial budget below, not Hyperband, ends the search.
+        oracle = kt.oracles.HyperbandOracle(max_epochs=settings.max_epochs, factor=3,
+                                            hyperband_iterations=1000, **common)
+        oracle.max_trials = settings.trials
+        return oracle
+    if space.tuner == "bayesian":
+        return kt.oracles.BayesianOptimizationOracle(max_trials=settings.trials, **common)
+    return kt.oracles.RandomSearchOracle(max_trials=settings.trials, **common)
+
+
+class KerasTunerEngine:
+    name = "kerastuner"
+
+    def __init__(self, settings: Settings) -> None:
+        import keras_tuner as kt
+
+        self.settings = settings
+        self.directory = Path(settings.storage or DEFAULT_DIRECTORY)
+        self.project = self.directory / settings.study
+        self.sidecar = self.project / "digitlab.json"
+        self.state: dict[str, Any] = json.loads(self.sidecar.read_text()) if self.sidecar.exists() else {}
+        engine = self
+
+        class Tuner(kt.Tuner):
+            def run_trial(self, trial, *args, **kwargs):
+                return engine._run(trial)
+
+        # overwrite=False: an existing project is reloaded, which is how a study resumes.
+        self.tuner = Tuner(oracle=_oracle(settings), directory=str(self.directory),
+                           project_name=settings.study, overwrite=False)
+        self.data = self.parent = self.experiment_id = None
+
+    def _save(self) -> None:
+        atomic_write_bytes(self.sidecar, json.dumps(self.state, indent=1).encode())
+
+    def check_compatible(self) -> None:
+        fingerprint = self.settings.space.fingerprint()
+        if "space_fingerprint" not in self.state:
+            self.state.update(space_fingerprint=fingerprint, space_path=self.settings.space.path,
+                              direction=self.settings.space.direction, runs={})
+            self._save()
+        elif self.state["space_fingerprint"] != fingerprint:
+            raise UserError(
+                f"study {self.settings.study!r} ({self.project}) was created from a different "
+                f"search space ({self.state.get('space_path')}); resume it with the same file or "
+                "use another --study name"
+            )
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.state.get("parent_run_id")
+
+    def set_parent_run_id(self, run_id: str) -> None:
+        self.state["parent_run_id"] = run_id
+        self._save()
+
+    def _trials(self):
+        return list(self.tuner.oracle.trials.values())
+
+    def finished(self) -> int:
+        return sum(t.status in ("COMPLETED", "FAILED") for t in self._trials())
+
+    def best(self) -> tuple[float, int] | None:
+        done = [t for t in self._trials() if t.status == "COMPLETED" and t.score is not None]
+        if not done:
+            return None
+        pick = max if self.settings.space.direction == "maximize" else min
+        t = pick(done, key=lambda t: t.score)
+        return t.score, int(t.trial_id)
+
+    def recover_interrupted(self, end_run) -> list[int]:
+        """KerasTuner requeues trials that were running when its process died: their
+        interrupted runs end KILLED, and the retry becomes a new run tagged retry_of."""
+        recovered = []
+        for trial_id in list(self.tuner.oracle._retry_queue):
+            if run_id := self.state["runs"].get(trial_id):
+                end_run(run_id)
+                self.state.setdefault("interrupted", {})[trial_id] = run_id
+                recovered.append(int(trial_id))
+        self._save()
+        return recovered
+
+    def work(self, data, parent_run_id: str, experiment_id: str, verbose: int | str = 2) -> None:
+        self.data, self.parent, self.experiment_id = data, parent_run_id, experiment_id
+        try:
+            self.tuner.search()
+        except RuntimeError as exc:
+            if "consecutive failures" in str(exc).lower():
+                raise SearchFailed(f"{exc} (kerastuner); stopping the search") from None
+            raise
+
+    def _run(self, trial) -> dict[str, float]:
+        space = self.settings.space
+        values = {p.key: trial.hyperparameters.get(p.key) for p in space.params}
+        epochs = trial.hyperparameters.values.get("tuner/epochs")
+        print(f"\n[kerastuner] trial {trial.trial_id}: {values}"
+              + (f" for {epochs} epochs" if epochs else ""), flush=True)
+
+        def started(run_id: str) -> None:
+            previous = self.state.get("interrupted", {}).get(trial.trial_id)
+            if previous:
+                import mlflow
+
+                mlflow.set_tag("retry_of", previous)
+            self.state["runs"][trial.trial_id] = run_id
+            self._save()
+
+        outcome = trial_mod.run_trial(
+            space, values, data=self.data, seed=self.settings.seed, engine=self.name,
+            number=int(trial.trial_id), parent_run_id=self.parent, experiment_id=self.experiment_id,
+            epochs=int(epochs) if epochs else None, on_start=started,
+        )
+        if outcome.state != trial_mod.COMPLETE:
+            raise RuntimeError(outcome.error or "trial failed")  # KerasTuner marks it FAILED
+        return {space.metric: outcome.value}
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for t in sorted(self._trials(), key=lambda t: t.trial_id):
+            state = {"COMPLETED": "COMPLETE", "FAILED": "FAIL", "INVALID": "FAIL"}.get(t.status, t.status)
+            values = t.hyperparameters.values
+            rows.append({
+                "number": int(t.trial_id),
+                "state": state,
+                "value": t.score if state == "COMPLETE" else None,
+                "epochs": values.get("tuner/epochs", self.settings.max_epochs),
+                "run_id": self.state.get("runs", {}).get(t.trial_id),
+                "fail_reason": (t.message or "").strip().splitlines()[-1] if t.message else None,
+                "retry_of": self.state.get("interrupted", {}).get(t.trial_id),
+                **{f"params.{p.key}": values.get(p.key) for p in self.settings.space.params},
+            })
+        return rows

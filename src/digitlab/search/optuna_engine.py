@@ -1,0 +1,232 @@
+"""Optuna engine: a persistent study, per-epoch pruning, crash recovery, shared budget.
+
+Storage: an Optuna journal file by default (`optuna.journal`: safe for several
+processes on one machine, readable by optuna-dashboard), or any RDB URL
+(`sqlite:///...`, `postgresql://...`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from digitlab.errors import SearchFailed, UserError
+from digitlab.search import trial as trial_mod
+from digitlab.search.settings import Settings
+from digitlab.search.space import Param
+
+DEFAULT_STORAGE = "optuna.journal"
+# A trial left RUNNING by a dead process is failed with this reason and retried once.
+INTERRUPTED = "interrupted"
+RETRY_OF = "retry_of"
+
+
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    if "://" in url and not url.startswith("journal://"):
+        # heartbeats let a worker on another machine notice a dead one's trial
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    path = Path(url.removeprefix("journal://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def _sampler(settings: Settings) -> optuna.samplers.BaseSampler:
+    if settings.space.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    startup = min(10, max(3, settings.trials // 3))
+    return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup)
+
+
+def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
+    if settings.space.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=settings.max_epochs,
+                                              reduction_factor=3)
+    if settings.space.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, p: Param) -> Any:
+    if p.kind == "categorical":
+        return trial.suggest_categorical(p.key, [trial_mod.encode(c) for c in p.choices])
+    if p.kind == "int":
+        return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+
+
+def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
+    """Trials that ended on their own; one killed with its process is retried instead."""
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OptunaEngine:
+    name = "optuna"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.storage_url = settings.storage or DEFAULT_STORAGE
+        self.storage = storage_for(self.storage_url)
+        self.lock_path = Path(f".digitlab-{settings.study}.lock")
+        self.study = optuna.create_study(
+            storage=self.storage,
+            study_name=settings.study,
+            sampler=_sampler(settings),
+            pruner=_pruner(settings),
+            direction=settings.space.direction,
+            load_if_exists=True,
+        )
+
+    # --- study bookkeeping ------------------------------------------------------
+
+    def check_compatible(self) -> None:
+        """A resumed study must have the same space and direction; a new one records them."""
+        attrs = self.study.user_attrs
+        space = self.settings.space
+        if "space_fingerprint" not in attrs:
+            self.study.set_user_attr("space_fingerprint", space.fingerprint())
+            self.study.set_user_attr("space_path", space.path)
+            self.study.set_user_attr("engine", self.name)
+            return
+        if self.study.direction.name.lower() != space.direction:
+            raise UserError(
+                f"study {self.settings.study!r} maximises/minimises differently "
+                f"({self.study.direction.name.lower()}) from {space.path} ({space.direction}); "
+                "use another --study name"
+            )
+        if attrs["space_fingerprint"] != space.fingerprint():
+            raise UserError(
+                f"study {self.settings.study!r} was created from a different search space "
+                f"({attrs.get('space_path')}); resume it with the same file or use another --study name"
+            )
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.study.user_attrs.get("mlflow_parent_run_id")
+
+    def set_parent_run_id(self, run_id: str) -> None:
+        self.study.set_user_attr("mlflow_parent_run_id", run_id)
+
+    def finished(self) -> int:
+        return sum(counts_toward_budget(t) for t in self.study.get_trials(deepcopy=False))
+
+    def best(self) -> tuple[float, int] | None:
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not done:
+            return None
+        pick = max if self.settings.space.direction == "maximize" else min
+        t = pick(done, key=lambda t: t.value)
+        return t.value, t.number
+
+    def recover_interrupted(self, end_run) -> list[int]:
+        """Fail trials whose process on this machine is gone, end their runs KILLED,
+        and queue their parameters once more (a retried trial is not retried again)."""
+        host = socket.gethostname()
+        recovered = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+            if worker_host != host or (pid.isdigit() and _process_alive(int(pid))):
+                continue  # another machine's trial: heartbeats (RDB storage) cover those
+            self.storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
+            self.study.tell(t.number, state=TrialState.FAIL)
+            if run_id := t.user_attrs.get("mlflow_run_id"):
+                end_run(run_id)
+            if RETRY_OF not in t.user_attrs:
+                self.study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number},
+                                         skip_if_exists=False)
+            recovered.append(t.number)
+        return recovered
+
+    @contextlib.contextmanager
+    def _budget_lock(self):
+        with open(self.lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _reserve(self) -> optuna.Trial | None:
+        """Start a trial only while finished + running trials are under the budget.
+
+        Counting and asking happen under one file lock, so parallel workers on
+        this machine never overshoot the shared budget.
+        """
+        with self._budget_lock():
+            trials = self.study.get_trials(deepcopy=False)
+            taken = sum(counts_toward_budget(t) or t.state == TrialState.RUNNING for t in trials)
+            if taken >= self.settings.trials:
+                return None
+            trial = self.study.ask()
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            return trial
+
+    # --- the worker loop ---------------------------------------------------------
+
+    def work(self, data, parent_run_id: str, experiment_id: str, verbose: int | str = 2) -> None:
+        space = self.settings.space
+        failures_in_a_row = 0
+        while (trial := self._reserve()) is not None:
+            values = {p.key: suggest(trial, p) for p in space.params}
+
+            def report(step: int, value: float, trial=trial) -> bool:
+                trial.report(value, step)
+                return trial.should_prune()
+
+            print(f"\n[optuna] trial {trial.number}: {values}", flush=True)
+            outcome = trial_mod.run_trial(
+                space, values, data=data, seed=self.settings.seed, engine=self.name,
+                number=trial.number, parent_run_id=parent_run_id, experiment_id=experiment_id,
+                report=report, on_start=lambda run_id, trial=trial: trial.set_user_attr("mlflow_run_id", run_id),
+                verbose=verbose,
+            )
+            if outcome.state == trial_mod.COMPLETE:
+                self.study.tell(trial, outcome.value)
+                failures_in_a_row = 0
+            elif outcome.state == trial_mod.PRUNED:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                failures_in_a_row = 0
+            else:
+                trial.set_user_attr("fail_reason", outcome.error or "failed")
+                self.study.tell(trial, state=TrialState.FAIL)
+                failures_in_a_row += 1
+                if failures_in_a_row >= space.max_consecutive_failures:
+                    raise SearchFailed(
+                        f"{failures_in_a_row} trials failed in a row (last: {outcome.error}); "
+                        "stopping the search"
+                    )
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state in (TrialState.WAITING,):
+                continue
+            rows.append({
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "epochs": len(t.intermediate_values),
+                "run_id": t.user_attrs.get("mlflow_run_id"),
+                "fail_reason": t.user_attrs.get("fail_reason"),
+                "retry_of": t.user_attrs.get(RETRY_OF),
+                **{f"params.{k}": v for k, v in t.params.items()},
+            })
+        return rows

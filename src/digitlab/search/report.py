@@ -1,0 +1,143 @@
+"""The search's parent run: opened (or reopened) before the trials, summarised after.
+
+Plots for both engines come from one place: the trials, whatever engine ran
+them, are replayed into an in-memory Optuna study, and Optuna's matplotlib
+plots draw the optimisation history, parameter importances and parallel
+coordinates from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlflow
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+
+from digitlab import tracking
+from digitlab.search import trial as trial_mod
+from digitlab.search.settings import Settings
+from digitlab.search.space import Param
+
+
+def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str]:
+    """Reopen the study's parent run, or create one (the `mlflow run` run, if any)."""
+    client = MlflowClient()
+    if stored_run_id:
+        if launched := os.environ.pop("MLFLOW_RUN_ID", None):
+            client.set_tag(launched, "resumed_search_run_id", stored_run_id)
+        client.update_run(stored_run_id, status="RUNNING")
+        return stored_run_id, client.get_run(stored_run_id).info.experiment_id
+    # Under `mlflow run` its run becomes the parent. Taken out of the environment so
+    # that trials (and worker processes) start runs of their own instead of resuming it.
+    if run_id := os.environ.pop("MLFLOW_RUN_ID", None):
+        client.set_tag(run_id, "mlflow.runName", settings.study)
+        experiment_id = client.get_run(run_id).info.experiment_id
+    else:
+        experiment_id = mlflow.get_experiment_by_name(
+            os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.DEFAULT_EXPERIMENT
+        ).experiment_id
+        run_id = client.create_run(experiment_id, run_name=settings.study).info.run_id
+    space = settings.space
+    for key, value in {
+        "space": space.path, "engine": settings.engine, "study": settings.study,
+        "experiments": ",".join(space.experiments), "objective.metric": space.metric,
+        "objective.direction": space.direction, "budget.trials": settings.trials,
+        "budget.max_epochs": settings.max_epochs, "seed": settings.seed,
+        "storage": settings.storage or "default", "workers": settings.workers,
+        "optuna.sampler": space.sampler, "optuna.pruner": space.pruner,
+        "kerastuner.tuner": space.tuner,
+    }.items():
+        client.log_param(run_id, key, str(value))
+    client.set_tag(run_id, "engine", settings.engine)
+    client.set_tag(run_id, "search_study", settings.study)
+    client.log_artifact(run_id, space.path)
+    return run_id, experiment_id
+
+
+def end_trial_run_killed(run_id: str) -> None:
+    """A trial whose process died: its run ends KILLED and its state FAIL."""
+    client = MlflowClient()
+    client.set_tag(run_id, "trial_state", trial_mod.FAIL)
+    client.set_tag(run_id, "error", "interrupted: the process running this trial died")
+    client.set_terminated(run_id, "KILLED")
+
+
+def _distribution(p: Param) -> optuna.distributions.BaseDistribution:
+    if p.kind == "categorical":
+        return optuna.distributions.CategoricalDistribution([trial_mod.encode(c) for c in p.choices])
+    if p.kind == "int":
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log,
+                                                    step=int(p.step or 1))
+    return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+
+
+def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
+    """The finished trials as an in-memory Optuna study (for plots and importances)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=settings.space.direction)
+    distributions = {p.key: _distribution(p) for p in settings.space.params}
+    for row in rows:
+        if row["state"] != "COMPLETE" or row["value"] is None:
+            continue
+        params = {k: row[f"params.{k}"] for k in distributions if f"params.{k}" in row}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: distributions[k] for k in params}, value=row["value"],
+        ))
+    return study
+
+
+def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str = "FINISHED") -> dict:
+    """Log the trials table, the plots and the best trial to the parent run; end it."""
+    client = MlflowClient()
+    space = settings.space
+    table = pd.DataFrame(rows).sort_values("number") if rows else pd.DataFrame()
+    if not table.empty:
+        client.log_text(parent_run_id, table.to_csv(index=False), "trials.csv")
+    study = replay(settings, rows)
+    if any(t.value is not None and math.isfinite(t.value) for t in study.trials):
+        _plots(client, parent_run_id, study)
+    best = None
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    if done:
+        pick = max if space.direction == "maximize" else min
+        best = pick(done, key=lambda r: r["value"])
+        client.log_metric(parent_run_id, f"best_{space.metric}", float(best["value"]))
+        client.log_metric(parent_run_id, "best_value", float(best["value"]))
+        client.set_tag(parent_run_id, "best_trial_number", str(best["number"]))
+        if best.get("run_id"):
+            client.set_tag(parent_run_id, "best_run_id", best["run_id"])
+    states = pd.Series([r["state"] for r in rows]).value_counts().to_dict() if rows else {}
+    for state, count in states.items():
+        client.log_metric(parent_run_id, f"trials_{state.lower()}", count)
+    client.set_terminated(parent_run_id, status)
+    return {"best": best, "states": states}
+
+
+def _plots(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
+    import warnings
+
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {
+        "plots/optimization_history.png": ovm.plot_optimization_history,
+        "plots/param_importances.png": ovm.plot_param_importances,
+        "plots/parallel_coordinate.png": ovm.plot_parallel_coordinate,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+        for path, plot in plots.items():
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                # importances need two trials with differing parameters
+                client.log_text(run_id, f"not drawn: {exc}\n", path.replace(".png", ".txt"))
+                continue
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.set_size_inches(10, 6)
+            figure.tight_layout()
+            client.log_figure(run_id, figure, path)
+            plt.close(figure)

@@ -1,0 +1,220 @@
+"""Search-space files (`search/*.yaml`): one format for both engines.
+
+A file names the experiment(s), the objective, the budget, engine options and
+the space: dotted config keys mapped to int, float (optionally log) or
+categorical ranges. With several experiments, the architecture itself is a
+categorical parameter named `experiment`. Everything is checked here, before
+any run or study exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from digitlab import config as config_mod
+from digitlab.errors import ConfigError
+from digitlab.train import EPOCH_METRICS
+
+ARCHITECTURE_KEY = "experiment"
+OPTUNA_SAMPLERS = ("tpe", "random")
+OPTUNA_PRUNERS = ("hyperband", "median", "none")
+KERASTUNER_TUNERS = ("hyperband", "random", "bayesian")
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    kind: str  # int | float | categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    experiments: tuple[str, ...]
+    metric: str = "val_accuracy"
+    direction: str = "maximize"
+    trials: int = 10
+    max_epochs: int = 10
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    tuner: str = "hyperband"
+    max_consecutive_failures: int = 3
+    fixed: dict = field(default_factory=dict)  # overrides applied to every trial
+    params: tuple[Param, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def fingerprint(self) -> str:
+        """What a resumed study must share with the original: experiments, space, objective."""
+        data = {
+            "experiments": self.experiments,
+            "metric": self.metric,
+            "direction": self.direction,
+            "fixed": self.fixed,
+            "params": [asdict(p) for p in self.params],
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.direction == "maximize" else a < b
+
+    def overrides(self, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Sampled values -> (experiment name, config overrides) for `train.run`."""
+        values = dict(values)
+        experiment = values.pop(ARCHITECTURE_KEY, self.experiments[0])
+        overrides = {**self.fixed, **values, "training.epochs": self.max_epochs}
+        return experiment, overrides
+
+    def trial_config(self, values: dict[str, Any], seed: int, epochs: int | None = None):
+        experiment, overrides = self.overrides(values)
+        if epochs is not None:
+            overrides["training.epochs"] = epochs
+        overrides["seed"] = seed
+        return config_mod.load_experiment(experiment, overrides)
+
+
+def _param(key: str, spec: Any, where: str) -> Param:
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{where}: expected a mapping with 'type' (int, float or categorical)")
+    kind = spec["type"]
+    allowed = {"int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"},
+               "categorical": {"choices"}}
+    if kind not in allowed:
+        raise ConfigError(f"{where}: type {kind!r} is not int, float or categorical")
+    unknown = sorted(set(spec) - allowed[kind] - {"type"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown option {unknown[0]!r} for type {kind}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: categorical needs a non-empty list of choices")
+        return Param(key, kind, choices=tuple(choices))
+    try:
+        low, high = float(spec["low"]), float(spec["high"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{where}: {kind} needs numeric low and high") from None
+    log = spec.get("log", False)
+    step = spec.get("step")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: log must be true or false")
+    if low > high:
+        raise ConfigError(f"{where}: low {low:g} is greater than high {high:g}")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0")
+    if log and step is not None:
+        raise ConfigError(f"{where}: step and log cannot be combined")
+    if kind == "int" and not (low.is_integer() and high.is_integer()):
+        raise ConfigError(f"{where}: int bounds must be whole numbers")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise ConfigError(f"{where}: step must be a positive number")
+    return Param(key, kind, low=low, high=high, log=log, step=step)
+
+
+def _samples(p: Param) -> list[Any]:
+    """Values at the edges of a range, used to check that the config accepts them."""
+    if p.kind == "categorical":
+        return list(p.choices)
+    if p.kind == "int":
+        return [int(p.low), int(p.high)]
+    return [p.low, p.high]
+
+
+def load(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    if not path.is_file():
+        known = ", ".join(sorted(str(p) for p in Path("search").glob("*.yaml"))) or "none found"
+        raise ConfigError(f"{path}: search-space file not found (available: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    known_sections = {"description", "experiments", "experiment", "objective", "budget", "optuna",
+                      "kerastuner", "fixed", "space", "max_consecutive_failures"}
+    unknown = sorted(set(raw) - known_sections)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r}")
+
+    experiments = raw.get("experiments", raw.get("experiment"))
+    if isinstance(experiments, str):
+        experiments = [experiments]
+    if not isinstance(experiments, list) or not experiments:
+        raise ConfigError(f"{path}: 'experiments' must name one experiment or a list of them")
+    objective = raw.get("objective") or {}
+    budget = raw.get("budget") or {}
+    optuna_opts = raw.get("optuna") or {}
+    kt_opts = raw.get("kerastuner") or {}
+    fixed = raw.get("fixed") or {}
+    space = raw.get("space") or {}
+    for name, section in (("objective", objective), ("budget", budget), ("optuna", optuna_opts),
+                          ("kerastuner", kt_opts), ("fixed", fixed), ("space", space)):
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {name} must be a mapping")
+
+    params = [_param(k, v, f"{path}: space.{k}") for k, v in space.items()]
+    if len(experiments) > 1:
+        if ARCHITECTURE_KEY in space:
+            raise ConfigError(f"{path}: space.{ARCHITECTURE_KEY} is implied by the experiments list")
+        params.insert(0, Param(ARCHITECTURE_KEY, "categorical", choices=tuple(experiments)))
+
+    result = SearchSpace(
+        path=str(path),
+        experiments=tuple(experiments),
+        metric=objective.get("metric", "val_accuracy"),
+        direction=objective.get("direction", "maximize"),
+        trials=budget.get("trials", 10),
+        max_epochs=budget.get("max_epochs", 10),
+        sampler=optuna_opts.get("sampler", "tpe"),
+        pruner=optuna_opts.get("pruner", "hyperband"),
+        tuner=kt_opts.get("tuner", "hyperband"),
+        max_consecutive_failures=raw.get("max_consecutive_failures", 3),
+        fixed=dict(fixed),
+        params=tuple(params),
+    )
+    _check(result)
+    return result
+
+
+def _check(s: SearchSpace) -> None:
+    p = s.path
+    checks = [
+        (s.metric in EPOCH_METRICS and s.metric != "learning_rate",
+         f"objective.metric must be one of loss, accuracy, val_loss, val_accuracy (got {s.metric!r})"),
+        (s.direction in ("maximize", "minimize"), "objective.direction must be maximize or minimize"),
+        (isinstance(s.trials, int) and s.trials >= 1, "budget.trials must be a positive integer"),
+        (isinstance(s.max_epochs, int) and s.max_epochs >= 1,
+         "budget.max_epochs must be a positive integer"),
+        (s.sampler in OPTUNA_SAMPLERS, f"optuna.sampler must be one of {', '.join(OPTUNA_SAMPLERS)}"),
+        (s.pruner in OPTUNA_PRUNERS, f"optuna.pruner must be one of {', '.join(OPTUNA_PRUNERS)}"),
+        (s.tuner in KERASTUNER_TUNERS, f"kerastuner.tuner must be one of {', '.join(KERASTUNER_TUNERS)}"),
+        (isinstance(s.max_consecutive_failures, int) and s.max_consecutive_failures >= 1,
+         "max_consecutive_failures must be a positive integer"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{p}: {message}")
+    # Every key must exist in every experiment and accept both ends of its range.
+    for experiment in s.experiments:
+        base = config_mod.load_experiment(experiment, s.fixed)
+        for param in s.params:
+            if param.key == ARCHITECTURE_KEY:
+                continue
+            for value in _samples(param):
+                try:
+                    config_mod.apply_overrides(base, {param.key: value})
+                except ConfigError as exc:
+                    raise ConfigError(f"{p}: space.{param.key} on {experiment}: {exc}") from None
