@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: setup data train compare test lint ui clean
+.PHONY: setup data train compare search test lint ui clean
 
 $(BIN)/digitlab: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ train: setup
 
 compare: setup
 	$(BIN)/digitlab compare $(ARGS)
+
+search: setup
+	$(BIN)/digitlab search $(ARGS)
 
 test: setup
 	$(BIN)/pytest $(ARGS)

@@ -46,4 +46,4 @@ def test_main_entry_point_for_each_experiment_on_the_embedded_default(workdir, e
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = finished_runs(workdir)
     assert run.data.params["data.train_rows"] == "4000"
-    assert run.data.metrics["holdout_accuracy"] > 0.5
+    assert run.data.metrics["holdout_accuracy"] > 0.2  # well above chance (0.1) after one epoch

@@ -41,6 +41,8 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
         ).experiment_id
         run_id = client.create_run(experiment_id, run_name=settings.study).info.run_id
     space = settings.space
+    # `mlflow run` has already logged its -P parameters (with their raw values) here
+    already = client.get_run(run_id).data.params
     for key, value in {
         "space": space.path, "engine": settings.engine, "study": settings.study,
         "experiments": ",".join(space.experiments), "objective.metric": space.metric,
@@ -50,7 +52,8 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
         "optuna.sampler": space.sampler, "optuna.pruner": space.pruner,
         "kerastuner.tuner": space.tuner,
     }.items():
-        client.log_param(run_id, key, str(value))
+        if key not in already:
+            client.log_param(run_id, key, str(value))
     client.set_tag(run_id, "engine", settings.engine)
     client.set_tag(run_id, "search_study", settings.study)
     client.log_artifact(run_id, space.path)

@@ -1,0 +1,314 @@
+"""Searches end to end on tiny real data: real Optuna storage, real KerasTuner, real MLflow."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from digitlab import cli
+from digitlab import search as search_mod
+from digitlab.search import trial as trial_mod
+
+SPACE = """
+experiments: [basic_cnn]
+objective: {metric: val_accuracy, direction: maximize}
+budget: {trials: 3, max_epochs: 2}
+optuna: {sampler: tpe, pruner: none}
+kerastuner: {tuner: random}
+max_consecutive_failures: 2
+fixed:
+  model.blocks.0.filters: [8, 16]
+  model.dense_units: [32]
+space:
+  model.dropout: {type: float, low: 0.1, high: 0.5}
+  optimizer.learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+
+
+@pytest.fixture
+def space_file(workdir):
+    path = workdir / "space.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+def runs(parent_only=False):
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    found = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list")
+    return found
+
+
+def split_runs():
+    all_runs = runs()
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def search_args(space_file, tiny_dir, *extra):
+    return ["search", "--space", str(space_file), "--data-dir", str(tiny_dir), *extra]
+
+
+def test_optuna_search_logs_parent_and_one_nested_run_per_trial(space_file, tiny_dir, capsys):
+    assert cli.main(search_args(space_file, tiny_dir)) == 0
+    out = capsys.readouterr().out
+    (parent,), children = split_runs()
+    assert len(children) == 3
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "space-optuna"
+    assert parent.data.params["engine"] == "optuna"
+    assert parent.data.params["budget.trials"] == "3"
+    assert parent.data.params["space"].endswith("space.yaml")
+    for child in children:
+        tags = child.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["engine"] == "optuna"
+        assert tags["trial_state"] == "COMPLETE"
+        assert child.info.status == "FINISHED"
+        assert "sampled.model.dropout" in child.data.params
+        steps = [m.step for m in MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")]
+        assert steps == [1, 2]
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2]
+
+    best = max(children, key=lambda c: c.data.metrics["objective"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.tags["best_trial_number"] == best.data.tags["trial_number"]
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.data.metrics["objective"])
+    assert best.info.run_id in out
+
+    client = MlflowClient()
+    paths = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    paths |= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"trials.csv", "space.yaml", "plots/optimization_history.png",
+            "plots/param_importances.png", "plots/parallel_coordinate.png"} <= paths
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv").splitlines()
+    assert len(table) == 4 and "params.model.dropout" in table[0]
+    # every completed trial has its model
+    for child in children:
+        assert mlflow.search_logged_models(
+            filter_string=f"source_run_id = '{child.info.run_id}'", output_format="list")
+
+
+def test_finished_study_again_does_nothing(space_file, tiny_dir, capsys):
+    assert cli.main(search_args(space_file, tiny_dir, "--trials", "1")) == 0
+    before = len(runs())
+    capsys.readouterr()
+    assert cli.main(search_args(space_file, tiny_dir, "--trials", "1")) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert len(runs()) == before
+
+
+def test_budget_is_a_total_and_resume_continues_the_parent(space_file, tiny_dir):
+    assert cli.main(search_args(space_file, tiny_dir, "--trials", "1")) == 0
+    assert cli.main(search_args(space_file, tiny_dir, "--trials", "2")) == 0
+    parents, children = split_runs()
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+
+def test_resuming_with_another_space_or_direction_is_an_error(space_file, tiny_dir, workdir, capsys):
+    assert cli.main(search_args(space_file, tiny_dir, "--trials", "1", "--study", "s")) == 0
+    other = workdir / "other.yaml"
+    other.write_text(SPACE.replace("high: 0.5", "high: 0.4"))
+    capsys.readouterr()
+    assert cli.main(search_args(other, tiny_dir, "--study", "s")) == 2
+    assert "different search space" in capsys.readouterr().err
+    flipped = workdir / "flipped.yaml"
+    flipped.write_text(SPACE.replace("maximize", "minimize"))
+    assert cli.main(search_args(flipped, tiny_dir, "--study", "s")) == 2
+    assert "use another --study name" in capsys.readouterr().err
+
+
+def test_same_seed_samples_the_same_parameters_in_order(space_file, tiny_dir):
+    for study in ("a", "b"):
+        assert cli.main(search_args(space_file, tiny_dir, "--study", study, "--seed", "7")) == 0
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend("optuna.journal"))
+    a = [t.params for t in optuna.load_study(study_name="a", storage=storage).trials]
+    b = [t.params for t in optuna.load_study(study_name="b", storage=storage).trials]
+    assert a == b and len(a) == 3
+    _, children = split_runs()
+    config = mlflow.artifacts.load_text(f"runs:/{children[0].info.run_id}/config.yaml")
+    assert "seed: 7" in config
+    assert children[0].data.tags["data_digest"] and children[0].data.tags["version.keras"]
+
+
+def test_a_pruned_trial_is_visibly_pruned(workdir, tiny_dir, space_file):
+    from digitlab import data, tracking
+    from digitlab.search import space
+
+    tracking.configure()
+    parent = MlflowClient().create_run(
+        mlflow.get_experiment_by_name("digit-recognizer").experiment_id).info.run_id
+    s = space.load(space_file)
+    outcome = trial_mod.run_trial(
+        s, {"model.dropout": 0.2, "optimizer.learning_rate": 0.003}, data=data.load(tiny_dir),
+        seed=1, engine="optuna", number=0, parent_run_id=parent,
+        experiment_id=mlflow.get_experiment_by_name("digit-recognizer").experiment_id,
+        report=lambda step, value: step >= 1,  # the engine says: prune after epoch 1
+    )
+    assert outcome.state == trial_mod.PRUNED and outcome.epochs == 1
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.tags["trial_state"] == "PRUNED"
+    assert run.info.status == "KILLED"
+
+
+def test_median_pruner_prunes_in_a_real_study(workdir, tiny_dir):
+    path = workdir / "prune.yaml"
+    path.write_text(SPACE.replace("pruner: none", "pruner: median").replace("trials: 3", "trials: 6")
+                    .replace("max_epochs: 2", "max_epochs: 4")
+                    .replace("low: 1.0e-3, high: 1.0e-2", "low: 1.0e-5, high: 1.0e-2"))
+    assert cli.main(search_args(path, tiny_dir)) == 0
+    _, children = split_runs()
+    states = [c.data.tags["trial_state"] for c in children]
+    assert len(children) == 6
+    assert "PRUNED" in states, states
+    for child in children:
+        if child.data.tags["trial_state"] == "PRUNED":
+            assert child.info.status == "KILLED"
+
+
+def test_nan_loss_fails_trials_and_stops_after_consecutive_failures(workdir, tiny_dir, capsys):
+    path = workdir / "nan.yaml"
+    path.write_text(SPACE.replace("fixed:\n", "fixed:\n  optimizer.name: sgd\n")
+                    .replace("low: 1.0e-3, high: 1.0e-2", "low: 1.0e+15, high: 1.0e+20"))
+    assert cli.main(search_args(path, tiny_dir)) == 1
+    assert "2 trials failed in a row" in capsys.readouterr().err
+    parents, children = split_runs()
+    assert len(children) == 2
+    for child in children:
+        assert child.data.tags["trial_state"] == "FAIL"
+        assert child.info.status == "FAILED"
+        assert "non-finite" in child.data.tags["error"]
+        assert "objective" not in child.data.metrics
+        assert "best_val_accuracy" not in child.data.metrics
+    assert parents[0].info.status == "FAILED"
+
+
+def test_an_exception_fails_one_trial_and_the_search_goes_on(space_file, tiny_dir, monkeypatch):
+    real = trial_mod.train.run
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # injected fault: the first trial's training raises
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_mod.train, "run", flaky)
+    assert cli.main(search_args(space_file, tiny_dir)) == 0
+    _, children = split_runs()
+    states = sorted(c.data.tags["trial_state"] for c in children)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+    failed = next(c for c in children if c.data.tags["trial_state"] == "FAIL")
+    assert "MemoryError: injected" in failed.data.tags["error"]
+
+
+def test_kerastuner_search(space_file, tiny_dir):
+    assert cli.main(search_args(space_file, tiny_dir, "--engine", "kerastuner")) == 0
+    (parent,), children = split_runs()
+    assert parent.data.params["engine"] == "kerastuner"
+    assert len(children) == 3
+    assert {c.data.tags["engine"] for c in children} == {"kerastuner"}
+    assert {c.data.tags["trial_state"] for c in children} == {"COMPLETE"}
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+    paths = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in paths
+
+
+def kill_during_trial(args, cwd, marker):
+    """Start a search, SIGKILL it once the marked trial has trained an epoch."""
+    proc = subprocess.Popen([sys.executable, "-m", "digitlab", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    seen, in_trial = [], False
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            in_trial = in_trial or marker in line
+            if in_trial and "val_accuracy" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+
+
+@pytest.mark.parametrize("engine", ["optuna", "kerastuner"])
+def test_sigkill_in_a_trial_then_resume(engine, space_file, tiny_dir, workdir):
+    path = workdir / "long.yaml"
+    path.write_text(SPACE.replace("max_epochs: 2", "max_epochs: 3"))
+    args = search_args(path, tiny_dir, "--engine", engine, "--trials", "2")
+    marker = f"[{engine}] trial 1:"
+    kill_during_trial(args, workdir, marker)
+    parents, children = split_runs()
+    assert len(parents) == 1
+    assert any(c.info.status == "RUNNING" for c in children)  # left behind by SIGKILL
+    interrupted_id = next(c.info.run_id for c in children if c.info.status == "RUNNING")
+
+    assert cli.main(args) == 0
+    parents_after, children = split_runs()
+    assert [p.info.run_id for p in parents_after] == [parents[0].info.run_id]
+    assert parents_after[0].info.status == "FINISHED"
+    by_id = {c.info.run_id: c for c in children}
+    assert by_id[interrupted_id].info.status == "KILLED"
+    assert by_id[interrupted_id].data.tags["trial_state"] == "FAIL"
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    completed = [c for c in children if c.data.tags["trial_state"] == "COMPLETE"]
+    assert len(completed) == 2  # the budget: two finished trials
+    # the interrupted trial's parameters were tried again, once
+    retried = [c for c in completed
+               if c.data.params["sampled.model.dropout"] == by_id[interrupted_id].data.params["sampled.model.dropout"]]
+    assert len(retried) == 1
+    assert len(children) == 3  # exactly one run per trial attempt
+
+
+def test_two_workers_share_one_study(space_file, tiny_dir, workdir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "digitlab", *search_args(space_file, tiny_dir, "--workers", "2",
+                                                        "--trials", "6", "--max-epochs", "1")],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "locked" not in output.lower()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(workdir / "optuna.journal")))
+    study = optuna.load_study(study_name="space-optuna", storage=storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 6 and len(study.trials) == 6
+    workers = {t.user_attrs["worker"] for t in study.trials}
+    assert len(workers) == 2  # both processes ran trials
+    (parent,), children = split_runs()
+    assert len(children) == 6
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.data.params["workers"] == "2"
+
+
+def test_mlflow_run_search_entry_point(space_file, tiny_dir, workdir):
+    from tests.test_mlproject import mlflow_run
+
+    proc = mlflow_run(workdir, "search", f"space={space_file}", "trials=2", "max_epochs=1",
+                      f"data_dir={tiny_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (parent,), children = split_runs()
+    assert len(children) == 2
+    assert parent.data.params["engine"] == "optuna"
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "space-optuna"
+
+
+def test_bad_engine_and_workers_are_errors(space_file, tiny_dir, capsys):
+    assert cli.main(search_args(space_file, tiny_dir, "--engine", "grid")) == 2
+    assert "--engine must be one of optuna, kerastuner" in capsys.readouterr().err
+    assert cli.main(search_args(space_file, tiny_dir, "--engine", "kerastuner", "--workers", "2")) == 2
+    assert not Path("optuna.journal").exists() and not Path("mlflow.db").exists()

@@ -1,0 +1,81 @@
+import pytest
+
+from digitlab.errors import ConfigError
+from digitlab.search import space
+
+BASE = """
+experiments: [basic_cnn]
+objective: {metric: val_accuracy, direction: maximize}
+budget: {trials: 3, max_epochs: 2}
+space:
+  model.dropout: {type: float, low: 0.1, high: 0.5}
+  optimizer.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  model.blocks.0.filters: {type: categorical, choices: [[16, 32], [32, 64]]}
+  augmentation.enabled: {type: categorical, choices: [true, false]}
+  model.width: {type: float, low: 0.5, high: 1.5, step: 0.25}
+"""
+
+
+def write(workdir, text, name="s.yaml"):
+    path = workdir / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_space_files_load(workdir):
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "search").glob("*.yaml")):
+        s = space.load(path)
+        assert s.trials >= 1 and s.params, path
+
+
+def test_a_space_file_loads_with_all_range_kinds(workdir):
+    s = space.load(write(workdir, BASE))
+    kinds = {p.key: p.kind for p in s.params}
+    assert kinds == {"model.dropout": "float", "optimizer.learning_rate": "float",
+                     "model.blocks.0.filters": "categorical", "augmentation.enabled": "categorical",
+                     "model.width": "float"}
+    lr = next(p for p in s.params if p.key == "optimizer.learning_rate")
+    assert lr.log and lr.low == pytest.approx(1e-4)
+    experiment, overrides = s.overrides({"model.dropout": 0.3})
+    assert experiment == "basic_cnn"
+    assert overrides["training.epochs"] == 2
+
+
+def test_several_experiments_make_the_architecture_a_parameter(workdir):
+    s = space.load(write(workdir, BASE.replace("[basic_cnn]", "[basic_cnn, kaggle_cnn]")))
+    assert s.params[0].key == "experiment"
+    assert s.params[0].choices == ("basic_cnn", "kaggle_cnn")
+    cfg = s.trial_config({"experiment": "kaggle_cnn", "model.dropout": 0.2}, seed=1)
+    assert cfg.name == "kaggle_cnn" and cfg.model.dropout == 0.2 and cfg.seed == 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("model.dropout:", "model.dropot:"), "space.model.dropot on basic_cnn: override 'model.dropot': unknown key"),
+        (("low: 0.1, high: 0.5", "low: 0.9, high: 0.5"), "space.model.dropout: low 0.9 is greater than high 0.5"),
+        (("low: 0.1, high: 0.5", "low: 0.1, high: 1.5"), r"space.model.dropout on basic_cnn: .*dropout must be in"),
+        (("low: 1.0e-4, high: 1.0e-2, log: true", "low: 0, high: 1.0e-2, log: true"), "a log range needs low > 0"),
+        (("{type: float, low: 0.1, high: 0.5}", "{type: floaty, low: 0.1, high: 0.5}"), "type 'floaty' is not"),
+        (("{type: float, low: 0.1, high: 0.5}", "{type: float, low: 0.1}"), "float needs numeric low and high"),
+        (("choices: [true, false]", "choices: []"), "categorical needs a non-empty list"),
+        (("direction: maximize", "direction: up"), "objective.direction must be"),
+        (("metric: val_accuracy", "metric: f1"), "objective.metric must be one of"),
+        (("trials: 3", "trials: 0"), "budget.trials must be a positive integer"),
+        (("[basic_cnn]", "[no_such_model]"), "experiment 'no_such_model' not found"),
+    ],
+)
+def test_malformed_spaces_are_clear_errors(workdir, edit, message):
+    old, new = edit
+    assert old in BASE
+    with pytest.raises(ConfigError, match=message):
+        space.load(write(workdir, BASE.replace(old, new, 1)))
+
+
+def test_fingerprint_ignores_the_budget_but_not_the_space(workdir):
+    a = space.load(write(workdir, BASE))
+    b = space.load(write(workdir, BASE.replace("trials: 3", "trials: 9"), "b.yaml"))
+    c = space.load(write(workdir, BASE.replace("high: 0.5", "high: 0.6"), "c.yaml"))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
