@@ -13,7 +13,6 @@ import pytest
 from mlflow import MlflowClient
 
 from digitlab import cli
-from digitlab import search as search_mod
 from digitlab.search import trial as trial_mod
 
 SPACE = """
@@ -39,7 +38,7 @@ def space_file(workdir):
     return path
 
 
-def runs(parent_only=False):
+def runs():
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     found = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list")
     return found
