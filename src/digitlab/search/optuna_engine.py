@@ -177,6 +177,8 @@ class OptunaEngine:
                 return None
             trial = self.study.ask()
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
+                trial.set_user_attr("cuda_visible_devices", gpu)
             return trial
 
     # --- the worker loop ---------------------------------------------------------
