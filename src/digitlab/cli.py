@@ -92,6 +92,45 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from digitlab import registry, tracking
+
+    tracking.configure()
+    if args.rollback:
+        print(registry.rollback(registry.policy()))
+        return 0
+    moved, message, version = registry.promote(
+        search_run_id=args.search_run or None, run_id=args.run or None, ensemble=args.ensemble,
+        tta=args.tta, min_delta=args.min_delta, force=args.force, data_dir=args.data_dir,
+    )
+    tags = version.tags
+    print(f"registered {version.name} version {version.version}: val_accuracy {tags.get('val_accuracy')}"
+          + (f", holdout_accuracy {tags['holdout_accuracy']}" if "holdout_accuracy" in tags else ""))
+    print(message)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from digitlab import submission, tracking
+
+    tracking.configure()
+    result = submission.submit(model_uri=args.model_uri or None, data_dir=args.data_dir,
+                               output=args.output or None, kaggle_submit=args.kaggle_submit)
+    print(f"wrote {result['path']}: {result['rows']} rows from {result['model_uri']}"
+          + (f" (version {result['version']})" if result["version"] else ""))
+    if "holdout_accuracy" in result:
+        print(f"holdout_accuracy {result['holdout_accuracy']:.4f}")
+    print(f"recorded in MLflow run {result['run_id']}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from digitlab import submission
+
+    print(f"accuracy {submission.score(Path(args.submission), Path(args.solution)):.5f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digitlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     data_dir(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("promote", help="register the best model of a search and move the production alias")
+    p.add_argument("--search-run", default="", help="search parent run id (default: the latest search)")
+    p.add_argument("--run", default="", help="promote this training or trial run instead")
+    p.add_argument("--ensemble", type=int, default=1, help="average the top K trials of the search")
+    p.add_argument("--tta", action="store_true", help="average predictions over one-pixel shifts")
+    p.add_argument("--min-delta", type=float, default=None,
+                   help="required improvement over production (default: registry/policy.yaml)")
+    p.add_argument("--force", action="store_true", help="move the aliases even if the gate says no")
+    p.add_argument("--rollback", action="store_true", help="swap production and previous back")
+    data_dir(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("submit", help="write a Kaggle submission from the production model")
+    p.add_argument("--model-uri", default="", help="default: models:/digit-recognizer@production")
+    p.add_argument("--output", default="", help="default: submissions/submission.csv")
+    p.add_argument("--kaggle-submit", action="store_true", help="upload with the kaggle command")
+    data_dir(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("score", help="score a submission against a solution file, as Kaggle would")
+    p.add_argument("submission")
+    p.add_argument("solution")
+    p.set_defaults(func=cmd_score)
     return parser
 
 

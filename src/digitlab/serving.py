@@ -1,0 +1,79 @@
+"""The registered model: raw Kaggle rows in, label and class probabilities out.
+
+This file is logged as MLflow "model code" (no pickle): MLflow copies it into
+the model and runs it wherever the model is loaded (`digitlab submit`,
+`mlflow models serve`, a notebook). It depends only on keras, numpy and
+pandas, and holds the rescaling and reshaping, so every consumer gets the same
+answer from the same 784 integer columns `pixel0..pixel783`.
+
+One or more Keras models (native `.keras` files, artifacts `member_0`, ...) are
+averaged; with `tta` the probabilities are also averaged over one-pixel shifts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+# The input is validated here (columns, shape, range), not by MLflow's type hints.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+N_PIXELS = 784
+PIXEL_COLUMNS = [f"pixel{i}" for i in range(N_PIXELS)]
+OUTPUT_COLUMNS = ["label", *[f"prob_{k}" for k in range(10)]]
+TTA_SHIFTS = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
+
+
+def to_images(rows) -> np.ndarray:
+    """(n, 784) integers 0-255, as a DataFrame or array -> float32 (n, 28, 28, 1) in [0, 1]."""
+    if isinstance(rows, pd.DataFrame):
+        missing = [c for c in PIXEL_COLUMNS if c not in rows.columns]
+        if missing:
+            raise ValueError(f"input lacks column {missing[0]!r} (expected pixel0..pixel783)")
+        rows = rows[PIXEL_COLUMNS]
+    pixels = np.asarray(rows, dtype=np.float32)
+    if pixels.ndim != 2 or pixels.shape[1] != N_PIXELS:
+        raise ValueError(f"expected rows of {N_PIXELS} pixels, got shape {pixels.shape}")
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise ValueError("pixel values must be in 0-255")
+    return pixels.reshape(-1, 28, 28, 1) / np.float32(255.0)
+
+
+def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Images moved by whole pixels, zero-filled at the border."""
+    out = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[:, yd, xd] = images[:, ys, xs]
+    return out
+
+
+class DigitClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import keras
+
+        members = sorted(k for k in context.artifacts if k.startswith("member_"))
+        self.models = [keras.saving.load_model(context.artifacts[k], compile=False) for k in members]
+        self.tta = bool((context.model_config or {}).get("tta", False))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        shifts = TTA_SHIFTS if self.tta else [(0, 0)]
+        total = np.zeros((len(images), 10), dtype=np.float64)
+        for model in self.models:
+            for dy, dx in shifts:
+                batch = images if (dy, dx) == (0, 0) else shifted(images, dy, dx)
+                total += np.asarray(model.predict(batch, batch_size=1024, verbose=0), dtype=np.float64)
+        return (total / (len(self.models) * len(shifts))).astype(np.float32)
+
+    def predict(self, context, model_input, params=None):
+        probabilities = self.probabilities(to_images(model_input))
+        frame = pd.DataFrame(probabilities, columns=OUTPUT_COLUMNS[1:])
+        frame.insert(0, "label", probabilities.argmax(axis=1).astype(np.int64))
+        return frame
+
+
+mlflow.models.set_model(DigitClassifier())

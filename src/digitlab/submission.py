@@ -1,0 +1,182 @@
+"""Kaggle submissions: predict test.csv, write `ImageId,Label` atomically, validate, score."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+from digitlab import data as data_mod
+from digitlab import registry
+from digitlab.errors import UserError
+
+HEADER = "ImageId,Label"
+
+
+class SubmissionError(UserError):
+    """A malformed submission or solution file; the message names file and line."""
+
+
+def read_submission(path: Path, expected_rows: int | None = None) -> np.ndarray:
+    """Labels of a submission in ImageId order, after checking it as Kaggle would."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: file not found")
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise SubmissionError(f"{path}: file is empty")
+    header = lines[0].strip()
+    if header != HEADER:
+        if header.replace('"', "").replace("'", "") == HEADER:
+            raise SubmissionError(f"{path}: line 1: header is quoted ({header}); expected {HEADER}")
+        if header.split(",")[0].strip().lstrip("-").isdigit():
+            raise SubmissionError(f"{path}: line 1: no header; expected {HEADER}")
+        raise SubmissionError(f"{path}: line 1: header is {header!r}; expected {HEADER}")
+    ids, labels = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != 2:
+            raise SubmissionError(f"{path}: line {number}: {len(cells)} fields, expected 2 (ImageId,Label)")
+        for column, cell in zip(("ImageId", "Label"), cells, strict=True):
+            if not cell.lstrip("-").isdigit():
+                raise SubmissionError(f"{path}: line {number}, column {column}: {cell!r} is not an integer")
+        image_id, label = int(cells[0]), int(cells[1])
+        if not 0 <= label <= 9:
+            raise SubmissionError(f"{path}: line {number}, column Label: {label} is outside 0-9")
+        ids.append(image_id)
+        labels.append(label)
+    ids_array = np.array(ids, dtype=np.int64)
+    n = len(ids)
+    if n == 0:
+        raise SubmissionError(f"{path}: no rows after the header")
+    if ids_array.min() == 0:
+        raise SubmissionError(f"{path}: ImageId starts at 0; Kaggle's ImageId runs 1..{expected_rows or n}")
+    seen = np.zeros(max(n, int(ids_array.max())) + 1, dtype=bool)
+    for number, image_id in enumerate(ids, start=2):
+        if image_id < 1:
+            raise SubmissionError(f"{path}: line {number}, column ImageId: {image_id} is below 1")
+        if image_id < len(seen) and seen[image_id]:
+            raise SubmissionError(f"{path}: line {number}, column ImageId: {image_id} is duplicated")
+        seen[image_id] = True
+    if expected_rows is not None and n != expected_rows:
+        raise SubmissionError(f"{path}: {n} rows, expected {expected_rows} (one per test image)")
+    missing = np.flatnonzero(~seen[1 : n + 1])
+    if len(missing):
+        raise SubmissionError(f"{path}: ImageId {missing[0] + 1} is missing")
+    order = np.argsort(ids_array)
+    return np.array(labels, dtype=np.int64)[order]
+
+
+def read_solution(path: Path) -> np.ndarray:
+    values = data_mod.read_csv(Path(path), data_mod.SOLUTION_HEADER)
+    if not np.array_equal(values[:, 0], np.arange(1, len(values) + 1)):
+        raise SubmissionError(f"{path}: ImageId must run 1..{len(values)} in order")
+    return values[:, 1]
+
+
+def score(submission: Path, solution: Path) -> float:
+    """Accuracy, as Kaggle scores this competition."""
+    truth = read_solution(solution)
+    predicted = read_submission(submission, expected_rows=len(truth))
+    return float(np.mean(predicted == truth))
+
+
+def write(labels: np.ndarray, path: Path) -> None:
+    """Write atomically: a temporary file beside the target, validated, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(HEADER + "\n")
+            np.savetxt(f, np.column_stack([np.arange(1, len(labels) + 1), labels]), fmt="%d",
+                       delimiter=",")
+        read_submission(Path(tmp), expected_rows=len(labels))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_kaggle() -> str:
+    """The `kaggle` command and credentials, or a clear error before any work."""
+    kaggle = shutil.which("kaggle")
+    if kaggle is None:
+        raise UserError("--kaggle-submit needs the `kaggle` command (pip install kaggle)")
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    has_env = os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")
+    if not has_env and not (config_dir / "kaggle.json").is_file():
+        raise UserError(f"--kaggle-submit needs Kaggle credentials: {config_dir}/kaggle.json "
+                        "or KAGGLE_USERNAME and KAGGLE_KEY")
+    return kaggle
+
+
+def resolve_version(model_uri: str):
+    """The registry version behind a models:/ URI (None for other URIs)."""
+    if not model_uri.startswith("models:/"):
+        return None
+    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if ref:
+        try:
+            return client.get_model_version_by_alias(name, ref)
+        except mlflow.exceptions.MlflowException:
+            raise UserError(f"{model_uri}: no version of {name} has alias {ref!r}; "
+                            "run `digitlab promote` first") from None
+    name, _, number = model_uri.removeprefix("models:/").partition("/")
+    return client.get_model_version(name, number)
+
+
+def submit(model_uri: str | None = None, data_dir: str | None = None, output: str | None = None,
+           kaggle_submit: bool = False) -> dict:
+    from tqdm import tqdm
+
+    from digitlab import tracking
+
+    pol = registry.policy()
+    kaggle = check_kaggle() if kaggle_submit else None
+    dataset = data_mod.load(data_dir)
+    model_uri = model_uri or f"models:/{pol.model_name}@{pol.production_alias}"
+    output_path = Path(output or pol.submission_path)
+    version = resolve_version(model_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    rows = registry.to_rows(dataset.test_images)
+    labels = []
+    for start in tqdm(range(0, len(rows), pol.batch_size), desc="predicting test.csv", unit="batch"):
+        labels.append(np.asarray(model.predict(rows.iloc[start : start + pol.batch_size])["label"]))
+    predicted = np.concatenate(labels).astype(np.int64)
+    write(predicted, output_path)
+
+    result = {"path": str(output_path), "rows": len(predicted), "model_uri": model_uri,
+              "version": version.version if version else None}
+    tags = {"digitlab.kind": "submit", "model_uri": model_uri, "data_digest": dataset.digest}
+    if version:
+        tags.update(model_name=version.name, model_version=version.version,
+                    model_run_id=version.run_id or "")
+    with tracking.run(f"submit-v{version.version}" if version else "submit", tags=tags) as run:
+        mlflow.log_artifact(str(output_path))
+        mlflow.log_metric("rows", len(predicted))
+        if dataset.test_labels is not None:
+            result["holdout_accuracy"] = float(np.mean(predicted == dataset.test_labels))
+            mlflow.log_metric("holdout_accuracy", result["holdout_accuracy"])
+        result["run_id"] = run.run_id
+    if version:
+        MlflowClient().set_model_version_tag(version.name, version.version, "last_submission_run_id",
+                                             result["run_id"])
+    if kaggle:
+        message = f"digitlab {model_uri} (version {result['version']})"
+        try:
+            subprocess.run([kaggle, "competitions", "submit", "-c", "digit-recognizer", "-f",
+                            str(output_path), "-m", message], check=True, timeout=300)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise UserError(f"kaggle upload failed: {exc}") from None
+    return result
