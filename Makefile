@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: setup data train compare search test lint ui clean
+.PHONY: setup data train compare search test bench lint ui clean
 
 $(BIN)/digitlab: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ search: setup
 
 test: setup
 	$(BIN)/pytest $(ARGS)
+
+# Speed and accuracy figures: one table, plus benchmarks/results.json. ARGS=--quick for a smoke test.
+bench: setup
+	$(BIN)/python benchmarks/run.py $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -1,23 +1,19 @@
-"""Data loading: a Kaggle-size train.csv (42,000 x 785) parsed cold, from the cache,
-and by the plain ways (pandas.read_csv defaults, numpy.loadtxt). Prints a table.
-
-    python benchmarks/bench_data.py [--rows 42000] [--repeats 3]
-"""
+"""Figure 2: a Kaggle-size train.csv (42,000 x 785, real embedded digits tiled) parsed and
+validated cold and loaded from the cache, versus pandas.read_csv defaults and numpy.loadtxt."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import Row, interleaved, median
+
+ROWS = 42_000
 
 
 def make_train_csv(path: Path, rows: int) -> None:
-    """Real embedded MNIST digits, tiled to the requested size."""
     from digitlab import data
 
     source = data.load_kaggle_dir(data.write_embedded(path.parent / "embedded"))
@@ -26,53 +22,37 @@ def make_train_csv(path: Path, rows: int) -> None:
     data._write_int_csv(path, data.TRAIN_HEADER, np.column_stack([source.train_labels[idx], pixels]))
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=42_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
+def measure(quick: bool) -> list[Row]:
     import pandas as pd
 
     from digitlab import data
 
+    repeats = 1 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kaggle" / "train.csv"
         path.parent.mkdir()
-        make_train_csv(path, args.rows)
+        make_train_csv(path, ROWS)
         cache = path.parent / data.CACHE_DIR_NAME
 
         def cold():
             shutil.rmtree(cache, ignore_errors=True)
             data.read_csv_cached(path, data.TRAIN_HEADER)
 
-        ways = {
-            "digitlab cold (parse + validate + write cache)": cold,
-            "digitlab cached": lambda: data.read_csv_cached(path, data.TRAIN_HEADER),
-            "pandas.read_csv (defaults)": lambda: pd.read_csv(path),
-            "numpy.loadtxt": lambda: np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64),
-        }
-        times: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(args.repeats):  # interleaved, so drift hits every way alike
-            for name, fn in ways.items():
-                if name == "digitlab cached":
-                    data.read_csv_cached(path, data.TRAIN_HEADER)  # make sure the cache exists
-                times[name].append(timed(fn))
+        def cached():
+            data.read_csv_cached(path, data.TRAIN_HEADER)
 
-    size_mb = args.rows * 785 * 2.5 / 1e6
-    print(f"train.csv: {args.rows} rows x 785 columns (~{size_mb:.0f} MB), {args.repeats} repeats, median seconds")
-    print(f"{'way':<50} {'median s':>9} {'vs pandas':>10}")
-    base = statistics.median(times["pandas.read_csv (defaults)"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<50} {median:>9.3f} {median / base:>9.2f}x")
-
-
-if __name__ == "__main__":
-    main()
+        ways = {"cold": cold, "cached": cached, "pandas": lambda: pd.read_csv(path),
+                "loadtxt": lambda: np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64)}
+        if quick:
+            ways.pop("loadtxt")  # the slowest way adds nothing to a smoke test
+        times = interleaved(ways, repeats)
+    fig = "2 data loading"
+    rows = [
+        Row(fig, "digitlab cold: parse + validate + cache", median(times["cold"]), "s", "a few s", median(times["cold"]) < 5,
+            note=f"{ROWS} x 785 train.csv, median of {repeats}"),
+        Row(fig, "digitlab from cache", median(times["cached"]), "s", "< 0.5 s", median(times["cached"]) < 0.5),
+        Row(fig, "pandas.read_csv, defaults", median(times["pandas"]), "s"),
+    ]
+    if "loadtxt" in times:
+        rows.append(Row(fig, "numpy.loadtxt", median(times["loadtxt"]), "s"))
+    return rows

@@ -125,7 +125,7 @@ def run(settings: Settings) -> dict:
     finally:
         progress.close()
         summary = report.finish(settings, parent_run_id, engine.rows(), status=status)
-    summary.update(parent_run_id=parent_run_id, study=settings.study)
+    summary.update(parent_run_id=parent_run_id, study=settings.study, rows=engine.rows())
     return summary
 
 
