@@ -131,6 +131,16 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from digitlab import server
+
+    server.serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
+                 artifacts_destination=args.artifacts_destination, auth=args.auth,
+                 auth_db_uri=args.auth_db_uri or None, workers=args.workers or None,
+                 allowed_hosts=args.allowed_hosts or None)
+    return 0  # not reached: serve() replaces this process
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digitlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kaggle-submit", action="store_true", help="upload with the kaggle command")
     data_dir(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("server", help="start a tracking server (PostgreSQL or SQLite backend)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything but loopback requires authentication")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend-store-uri", default="sqlite:///mlflow.db",
+                   help="e.g. postgresql://user@db-host/mlflow")
+    p.add_argument("--artifacts-destination", default="mlartifacts",
+                   help="where the server stores artifacts: a shared directory or s3://bucket/path")
+    p.add_argument("--auth", action="store_true", help="basic auth even on loopback")
+    p.add_argument("--auth-db-uri", default="", help="user database (default: SQLite beside the server)")
+    p.add_argument("--workers", type=int, default=0, help="server worker processes")
+    p.add_argument("--allowed-hosts", default="", help="host names clients use to reach the server")
+    p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("score", help="score a submission against a solution file, as Kaggle would")
     p.add_argument("submission")

@@ -18,7 +18,7 @@ import pandas as pd
 from digitlab import plots, runtime, train
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData
-from digitlab.errors import Terminated
+from digitlab.errors import Terminated, UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "digit-recognizer"
@@ -37,6 +37,8 @@ def configure() -> str:
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     if os.environ.get("MLFLOW_RUN_ID"):
         return uri
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
@@ -53,6 +55,19 @@ class RunHandle:
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.status = "FINISHED"
+
+
+def check_server(uri: str) -> None:
+    """Fail fast, with a clear message, when the tracking server cannot be reached."""
+    import requests
+
+    # MLflow itself retries a dead server for minutes; after this check a few tries suffice.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        raise UserError(f"cannot reach the MLflow tracking server at {uri}: "
+                        f"{type(exc).__name__}") from None
 
 
 @contextlib.contextmanager

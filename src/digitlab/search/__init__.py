@@ -105,8 +105,9 @@ def run(settings: Settings) -> dict:
               "trials); nothing to do")
         return {"already_finished": True, "best": engine.best()}
     tracking.configure()
-    parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
-    engine.set_parent_run_id(parent_run_id)
+    with engine.lock():  # workers starting together on several machines share one parent run
+        parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
+        engine.set_parent_run_id(parent_run_id)
     recovered = engine.recover_interrupted(report.end_trial_run_killed)
     if recovered:
         print(f"trials {recovered} were interrupted: marked FAIL, their runs KILLED, parameters queued again")

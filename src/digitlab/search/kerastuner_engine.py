@@ -8,6 +8,7 @@ each trial its number of epochs (`tuner/epochs`); trials train from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class KerasTunerEngine:
         self.tuner = Tuner(oracle=_oracle(settings), directory=str(self.directory),
                            project_name=settings.study, overwrite=False)
         self.data = self.parent = self.experiment_id = None
+
+    def lock(self):
+        return contextlib.nullcontext()  # one process per KerasTuner study
 
     def _save(self) -> None:
         atomic_write_bytes(self.sidecar, json.dumps(self.state, indent=1).encode())

@@ -11,6 +11,8 @@ import contextlib
 import fcntl
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,55 @@ INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
 
 
+def is_rdb(url: str) -> bool:
+    return "://" in url and not url.startswith("journal://")
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """Seconds between a running trial's heartbeats, and silence after which it is dead."""
+    return (int(os.environ.get("DIGITLAB_HEARTBEAT_INTERVAL", "30")),
+            int(os.environ.get("DIGITLAB_HEARTBEAT_GRACE", "120")))
+
+
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    if "://" in url and not url.startswith("journal://"):
-        # heartbeats let a worker on another machine notice a dead one's trial
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    if is_rdb(url):
+        import sqlalchemy.exc
+
+        interval, grace = heartbeat_settings()
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
+        try:
+            # heartbeats let a worker on another machine notice a dead one's trial
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
+                failed_trial_callback=_stale_trial_failed,
+            )
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"cannot reach the Optuna storage {_redact(url)}: {first}") from None
     path = Path(url.removeprefix("journal://"))
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the given URL"
+
+
+def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker stopped sending heartbeats (on any machine): as on resume,
+    its MLflow run ends KILLED and its parameters are queued once more."""
+    from digitlab.search import report
+
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
+    if run_id := trial.user_attrs.get("mlflow_run_id"):
+        report.end_trial_run_killed(run_id)
+    if RETRY_OF not in trial.user_attrs:
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
 
 
 def _sampler(settings: Settings) -> optuna.samplers.BaseSampler:
@@ -120,7 +164,8 @@ class OptunaEngine:
 
     @property
     def parent_run_id(self) -> str | None:
-        return self.study.user_attrs.get("mlflow_parent_run_id")
+        # read fresh: another machine may have created the parent a moment ago
+        return self.storage.get_study_user_attrs(self.study._study_id).get("mlflow_parent_run_id")
 
     def set_parent_run_id(self, run_id: str) -> None:
         self.study.set_user_attr("mlflow_parent_run_id", run_id)
@@ -156,7 +201,24 @@ class OptunaEngine:
         return recovered
 
     @contextlib.contextmanager
-    def _budget_lock(self):
+    def lock(self):
+        """One worker at a time in the study's critical sections (budget, parent run):
+        a PostgreSQL advisory lock across machines, a file lock on one machine."""
+        if self.storage_url.startswith("postgresql"):
+            import zlib
+
+            import sqlalchemy
+
+            key = zlib.crc32(f"digitlab:{self.settings.study}".encode())
+            engine = self.storage.engine
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    connection.commit()
+            return
         with open(self.lock_path, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -167,19 +229,53 @@ class OptunaEngine:
     def _reserve(self) -> optuna.Trial | None:
         """Start a trial only while finished + running trials are under the budget.
 
-        Counting and asking happen under one file lock, so parallel workers on
-        this machine never overshoot the shared budget.
+        Counting and asking happen under the study lock, so parallel workers never
+        overshoot the shared budget. While the budget is taken but trials are still
+        running elsewhere, wait: one of them may die and leave its place to retry.
         """
-        with self._budget_lock():
-            trials = self.study.get_trials(deepcopy=False)
-            taken = sum(counts_toward_budget(t) or t.state == TrialState.RUNNING for t in trials)
-            if taken >= self.settings.trials:
-                return None
-            trial = self.study.ask()
-            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
-                trial.set_user_attr("cuda_visible_devices", gpu)
-            return trial
+        from digitlab.search import report
+
+        while True:
+            with self.lock():
+                if is_rdb(self.storage_url):
+                    optuna.storages.fail_stale_trials(self.study)
+                self.recover_interrupted(report.end_trial_run_killed)
+                trials = self.study.get_trials(deepcopy=False)
+                finished = sum(counts_toward_budget(t) for t in trials)
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                if finished >= self.settings.trials:
+                    return None
+                if finished + running < self.settings.trials:
+                    trial = self.study.ask()
+                    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                    if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
+                        trial.set_user_attr("cuda_visible_devices", gpu)
+                    return trial
+            time.sleep(min(5.0, heartbeat_settings()[0]))
+
+    @contextlib.contextmanager
+    def heartbeat(self, trial: optuna.Trial):
+        """Record a running trial's heartbeat (RDB storage) so other machines see it alive."""
+        if not is_rdb(self.storage_url):
+            yield
+            return
+        stop = threading.Event()
+        interval = heartbeat_settings()[0]
+
+        def beat() -> None:
+            while True:
+                with contextlib.suppress(Exception):  # a missed beat is retried next interval
+                    self.storage.record_heartbeat(trial._trial_id)
+                if stop.wait(interval):
+                    return
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     # --- the worker loop ---------------------------------------------------------
 
@@ -194,12 +290,14 @@ class OptunaEngine:
                 return trial.should_prune()
 
             print(f"\n[optuna] trial {trial.number}: {values}", flush=True)
-            outcome = trial_mod.run_trial(
-                space, values, data=data, seed=self.settings.seed, engine=self.name,
-                number=trial.number, parent_run_id=parent_run_id, experiment_id=experiment_id,
-                report=report, on_start=lambda run_id, trial=trial: trial.set_user_attr("mlflow_run_id", run_id),
-                verbose=verbose,
-            )
+            with self.heartbeat(trial):
+                outcome = trial_mod.run_trial(
+                    space, values, data=data, seed=self.settings.seed, engine=self.name,
+                    number=trial.number, parent_run_id=parent_run_id, experiment_id=experiment_id,
+                    report=report,
+                    on_start=lambda run_id, trial=trial: trial.set_user_attr("mlflow_run_id", run_id),
+                    verbose=verbose,
+                )
             if outcome.state == trial_mod.COMPLETE:
                 self.study.tell(trial, outcome.value)
                 failures_in_a_row = 0

@@ -1,0 +1,101 @@
+"""`digitlab server`: an MLflow tracking server that is safe to share.
+
+It runs `mlflow server` with a database backend store (PostgreSQL for teams,
+SQLite for one user) and artifacts served through the server, bound to
+127.0.0.1 unless told otherwise. Binding anywhere else turns on MLflow's
+basic-auth app and refuses to start without a non-default admin password
+and the server's secret key: an unauthenticated tracking server on a network
+lets anyone read, write and delete runs and models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from digitlab.errors import UserError
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+# The password MLflow's basic-auth app shipped as its default before it required one.
+KNOWN_DEFAULT_PASSWORDS = {"password1234", "password", "admin"}
+MIN_PASSWORD_LENGTH = 12
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth_settings(host: str, auth: bool) -> bool:
+    """Whether auth is on; a clear error when the settings would expose the server."""
+    exposed = not is_loopback(host)
+    if exposed and not auth:
+        auth = True  # never serve an unauthenticated tracking server beyond this machine
+    if not auth:
+        return False
+    where = f"serving on {host}" if exposed else "--auth"
+    password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD", "")
+    if not password:
+        raise UserError(f"{where} needs authentication: set MLFLOW_AUTH_ADMIN_PASSWORD "
+                        f"(at least {MIN_PASSWORD_LENGTH} characters) for the admin user")
+    if password in KNOWN_DEFAULT_PASSWORDS or len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"{where}: MLFLOW_AUTH_ADMIN_PASSWORD is a default or shorter than "
+                        f"{MIN_PASSWORD_LENGTH} characters; choose another")
+    if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        raise UserError(f"{where} needs MLFLOW_FLASK_SERVER_SECRET_KEY set to a long random "
+                        "secret (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+    return True
+
+
+def auth_config(state_dir: Path, auth_db_uri: str | None) -> Path:
+    """MLflow's basic-auth settings: users in their own database, new users may only read."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    database = auth_db_uri or f"sqlite:///{(state_dir / 'basic_auth.db').resolve()}"
+    path = state_dir / "basic_auth.ini"
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {database}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
+
+
+def command(host: str, port: int, backend_store_uri: str, artifacts_destination: str,
+            auth: bool, workers: int | None, allowed_hosts: str | None) -> list[str]:
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    args = [mlflow, "server", "--host", host, "--port", str(port),
+            "--backend-store-uri", backend_store_uri,
+            "--artifacts-destination", artifacts_destination, "--serve-artifacts"]
+    if auth:
+        args += ["--app-name", "basic-auth"]
+    if workers:
+        args += ["--workers", str(workers)]
+    if allowed_hosts:
+        args += ["--allowed-hosts", allowed_hosts]
+    return args
+
+
+def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str = "sqlite:///mlflow.db",
+          artifacts_destination: str = "mlartifacts", auth: bool = False,
+          auth_db_uri: str | None = None, workers: int | None = None,
+          allowed_hosts: str | None = None, state_dir: str = ".mlflow-server") -> None:
+    """Replace this process with the configured `mlflow server` (signals reach it directly)."""
+    auth = check_auth_settings(host, auth)
+    env = dict(os.environ)
+    if auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(Path(state_dir), auth_db_uri).resolve())
+    if "://" not in artifacts_destination:
+        Path(artifacts_destination).mkdir(parents=True, exist_ok=True)
+        artifacts_destination = str(Path(artifacts_destination).resolve())
+    args = command(host, port, backend_store_uri, artifacts_destination, auth, workers, allowed_hosts)
+    print(f"starting: {' '.join(args)}" + (" (basic auth on)" if auth else ""), flush=True)
+    os.execve(args[0], args, env)
