@@ -14,6 +14,23 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+# A search that trains in seconds on `tiny_dir`: a narrow basic CNN, two knobs.
+TINY_SPACE = """
+experiments: [basic_cnn]
+objective: {metric: val_accuracy, direction: maximize}
+budget: {trials: 3, max_epochs: 2}
+optuna: {sampler: tpe, pruner: none}
+kerastuner: {tuner: random}
+max_consecutive_failures: 2
+fixed:
+  model.blocks.0.filters: [8, 16]
+  model.dense_units: [32]
+space:
+  model.dropout: {type: float, low: 0.1, high: 0.5}
+  optimizer.learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+
+
 @pytest.fixture(scope="session")
 def embedded_dir(tmp_path_factory) -> Path:
     """The embedded default, written once per test session."""

@@ -17,19 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from digitlab import cli, registry, submission
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SPACE
 
-SPACE = """
-experiments: [basic_cnn]
-budget: {trials: 3, max_epochs: 2}
-optuna: {sampler: random, pruner: none}
-fixed:
-  model.blocks.0.filters: [8, 16]
-  model.dense_units: [32]
-space:
-  model.dropout: {type: float, low: 0.1, high: 0.5}
-  optimizer.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
-"""
+SPACE = TINY_SPACE.replace("sampler: tpe", "sampler: random").replace("low: 1.0e-3", "low: 1.0e-4")
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,9 @@ from mlflow import MlflowClient
 
 from digitlab import cli
 from digitlab.search import trial as trial_mod
+from tests.conftest import TINY_SPACE
 
-SPACE = """
-experiments: [basic_cnn]
-objective: {metric: val_accuracy, direction: maximize}
-budget: {trials: 3, max_epochs: 2}
-optuna: {sampler: tpe, pruner: none}
-kerastuner: {tuner: random}
-max_consecutive_failures: 2
-fixed:
-  model.blocks.0.filters: [8, 16]
-  model.dense_units: [32]
-space:
-  model.dropout: {type: float, low: 0.1, high: 0.5}
-  optimizer.learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
-"""
+SPACE = TINY_SPACE
 
 
 @pytest.fixture

@@ -284,14 +284,20 @@ def available_experiments() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 
 
-def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    path = experiment_path(name_or_path)
+def read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (experiments, search spaces)."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_experiment(name_or_path: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    path = experiment_path(name_or_path)
+    data = read_mapping(path)
     data.setdefault("name", path.stem)
     try:
         config = from_dict(data)

@@ -97,6 +97,7 @@ class Progress:
 def run(settings: Settings) -> dict:
     """Run (or resume) the study to its budget; returns the summary."""
     dataset = data_mod.load(settings.data_dir)
+    tracking.configure()  # an unreachable tracking server stops us before the study exists
     engine = _engine(settings)
     engine.check_compatible()
     finished = engine.finished()
@@ -104,7 +105,6 @@ def run(settings: Settings) -> dict:
         print(f"study {settings.study!r} is already finished ({finished} of {settings.trials} "
               "trials); nothing to do")
         return {"already_finished": True, "best": engine.best()}
-    tracking.configure()
     with engine.lock():  # workers starting together on several machines share one parent run
         parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
         engine.set_parent_run_id(parent_run_id)

@@ -30,6 +30,11 @@ INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
 
 
+def worker_host() -> str:
+    """The machine name a worker records on its trials (DIGITLAB_WORKER_HOST overrides it)."""
+    return os.environ.get("DIGITLAB_WORKER_HOST") or socket.gethostname()
+
+
 def is_rdb(url: str) -> bool:
     return "://" in url and not url.startswith("journal://")
 
@@ -184,11 +189,11 @@ class OptunaEngine:
     def recover_interrupted(self, end_run) -> list[int]:
         """Fail trials whose process on this machine is gone, end their runs KILLED,
         and queue their parameters once more (a retried trial is not retried again)."""
-        host = socket.gethostname()
+        host = worker_host()
         recovered = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-            if worker_host != host or (pid.isdigit() and _process_alive(int(pid))):
+            owner, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+            if owner != host or (pid.isdigit() and _process_alive(int(pid))):
                 continue  # another machine's trial: heartbeats (RDB storage) cover those
             self.storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
             self.study.tell(t.number, state=TrialState.FAIL)
@@ -247,7 +252,7 @@ class OptunaEngine:
                     return None
                 if finished + running < self.settings.trials:
                     trial = self.study.ask()
-                    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                    trial.set_user_attr("worker", f"{worker_host()}:{os.getpid()}")
                     if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
                         trial.set_user_attr("cuda_visible_devices", gpu)
                     return trial

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from digitlab import config as config_mod
 from digitlab.errors import ConfigError
 from digitlab.train import EPOCH_METRICS
@@ -137,12 +135,7 @@ def load(path: str | Path) -> SearchSpace:
     if not path.is_file():
         known = ", ".join(sorted(str(p) for p in Path("search").glob("*.yaml"))) or "none found"
         raise ConfigError(f"{path}: search-space file not found (available: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = config_mod.read_mapping(path)
     known_sections = {"description", "experiments", "experiment", "objective", "budget", "optuna",
                       "kerastuner", "fixed", "space", "max_consecutive_failures"}
     unknown = sorted(set(raw) - known_sections)
