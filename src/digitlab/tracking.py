@@ -77,6 +77,7 @@ def run(name: str | None = None, nested: bool = False, tags: dict | None = None,
     restore = None
     if threading.current_thread() is threading.main_thread():
         restore = signal.signal(signal.SIGTERM, _raise_terminated)
+    tags = {k: str(v) for k, v in (tags or {}).items()}  # a tracking server takes strings only
     active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id,
                               experiment_id=experiment_id)
     handle = RunHandle(active.info.run_id)

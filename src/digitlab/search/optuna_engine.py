@@ -51,15 +51,21 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
 
         interval, grace = heartbeat_settings()
         engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
-        try:
-            # heartbeats let a worker on another machine notice a dead one's trial
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
-                failed_trial_callback=_stale_trial_failed,
-            )
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"cannot reach the Optuna storage {_redact(url)}: {first}") from None
+        for attempt in range(5):
+            try:
+                # heartbeats let a worker on another machine notice a dead one's trial
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                    grace_period=grace, failed_trial_callback=_stale_trial_failed,
+                )
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # workers starting together race to create the tables: the loser retries
+                if attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise UserError(f"cannot reach the Optuna storage {_redact(url)}: {first}") from None
     path = Path(url.removeprefix("journal://"))
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
@@ -79,7 +85,8 @@ def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) ->
     its MLflow run ends KILLED and its parameters are queued once more."""
     from digitlab.search import report
 
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
+    # Optuna has already finished the trial, so it takes no new attributes: a FAIL
+    # trial without a fail_reason is one whose worker died (see counts_toward_budget).
     if run_id := trial.user_attrs.get("mlflow_run_id"):
         report.end_trial_run_killed(run_id)
     if RETRY_OF not in trial.user_attrs:
@@ -114,7 +121,7 @@ def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
     """Trials that ended on their own; one killed with its process is retried instead."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED
+    return t.state == TrialState.FAIL and t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED
 
 
 def _process_alive(pid: int) -> bool:
@@ -330,7 +337,8 @@ class OptunaEngine:
                 "value": t.value,
                 "epochs": len(t.intermediate_values),
                 "run_id": t.user_attrs.get("mlflow_run_id"),
-                "fail_reason": t.user_attrs.get("fail_reason"),
+                "fail_reason": (t.user_attrs.get("fail_reason", INTERRUPTED)
+                                if t.state == TrialState.FAIL else None),
                 "retry_of": t.user_attrs.get(RETRY_OF),
                 **{f"params.{k}": v for k, v in t.params.items()},
             })
