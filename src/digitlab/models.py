@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from digitlab.config import AugmentationConfig, ExperimentConfig, ModelConfig, OptimizerConfig
+from digitlab.config import AugmentationConfig, ExperimentConfig, OptimizerConfig
 
 INPUT_SHAPE = (28, 28, 1)
 N_CLASSES = 10
@@ -83,7 +83,3 @@ def optimizer(opt: OptimizerConfig) -> keras.optimizers.Optimizer:
         return keras.optimizers.RMSprop(opt.learning_rate)
     return keras.optimizers.SGD(opt.learning_rate, momentum=opt.momentum)
 
-
-def conv_width(m: ModelConfig) -> list[int]:
-    """The conv filter counts actually built (after the width multiplier)."""
-    return [max(1, round(f * m.width)) for block in m.blocks for f in block.filters]

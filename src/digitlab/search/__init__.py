@@ -125,8 +125,9 @@ def run(settings: Settings) -> dict:
         raise
     finally:
         progress.close()
-        summary = report.finish(settings, parent_run_id, engine.rows(), status=status)
-    summary.update(parent_run_id=parent_run_id, study=settings.study, rows=engine.rows())
+        rows = engine.rows()
+        summary = report.finish(settings, parent_run_id, rows, status=status)
+    summary.update(parent_run_id=parent_run_id, study=settings.study, rows=rows)
     return summary
 
 
