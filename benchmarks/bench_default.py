@@ -1,6 +1,6 @@
 """Figure 5: the default search (`mlflow run . -e search`, no parameters) on the embedded
 data, then promote and submit; holdout accuracy of the best single model and of the
-top-3 ensemble with test-time augmentation. Long: about 20 minutes on 2 cores."""
+top-3 ensemble, with and without test-time augmentation. Long: about 20 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -36,15 +36,17 @@ def measure(quick: bool) -> list[Row]:
            "--experiment-name", "digit-recognizer")
         minutes = (time.perf_counter() - start) / 60
         sh(str(BIN / "digitlab"), "promote", "--force")
+        # --min-delta 1 registers and scores the ensembles without moving the alias.
+        sh(str(BIN / "digitlab"), "promote", "--ensemble", "3", "--min-delta", "1")
         sh(str(BIN / "digitlab"), "promote", "--ensemble", "3", "--tta", "--min-delta", "1")
         client = MlflowClient()
-        versions = {v.version: v for v in client.search_model_versions("name = 'digit-recognizer'")}
-        single = float(versions[1].tags["holdout_accuracy"]) * 100
-        ensemble = float(versions[2].tags["holdout_accuracy"]) * 100
+        versions = {int(v.version): v for v in client.search_model_versions("name = 'digit-recognizer'")}
+        single, ensemble, tta = (float(versions[n].tags["holdout_accuracy"]) * 100 for n in (1, 2, 3))
         out = sh(str(BIN / "digitlab"), "submit")
     return [
         Row(fig, "default search wall time", minutes, "min", "about 20", minutes <= 25),
         Row(fig, "holdout accuracy, best single model", single, "%", ">= 99.0", single >= 99.0),
-        Row(fig, "holdout accuracy, top-3 ensemble + TTA", ensemble, "%", ">= 99.2", ensemble >= 99.2),
+        Row(fig, "holdout accuracy, top-3 ensemble", ensemble, "%", ">= 99.2", ensemble >= 99.2),
+        Row(fig, "holdout accuracy, top-3 ensemble + TTA", tta, "%"),
         Row(fig, "submission written", 1.0 if "wrote" in out else 0.0, "", "valid file", "wrote" in out),
     ]

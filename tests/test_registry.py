@@ -66,6 +66,23 @@ def production():
     return MlflowClient().get_model_version_by_alias("digit-recognizer", "production")
 
 
+def test_tied_trials_rank_by_validation_loss(workdir):
+    """Equal validation accuracy is common on a small validation set; the lower loss wins."""
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.create_experiment("ties")
+    parent = client.create_run(exp, tags={"search_study": "ties"})
+    client.log_param(parent.info.run_id, "objective.direction", "maximize")
+    made = {}
+    for name, objective, val_loss in (("c", 0.99, 0.03), ("b", 0.98, 0.01), ("a", 0.99, 0.05)):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id,
+                                           "trial_state": "COMPLETE"})
+        client.log_metric(run.info.run_id, "objective", objective)
+        client.log_metric(run.info.run_id, "val_loss", val_loss)
+        made[run.info.run_id] = name
+    ranked = registry.ranked_trials(client, client.get_run(parent.info.run_id))
+    assert [made[r.info.run_id] for r in ranked] == ["c", "a", "b"]
+
+
 def test_promote_registers_the_best_trial_and_submit_uses_it(store, tiny_dir, capsys):
     ranked, search_run = trials()
     assert promote(tiny_dir) == 0

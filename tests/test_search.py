@@ -63,6 +63,8 @@ def test_optuna_search_logs_parent_and_one_nested_run_per_trial(space_file, tiny
         steps = [m.step for m in MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")]
         assert steps == [1, 2]
     assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2]
+    for child in children:  # trials are ranked by the model they registered, not their best epoch
+        assert child.data.metrics["objective"] == child.data.metrics["val_accuracy_final_model"]
 
     best = max(children, key=lambda c: c.data.metrics["objective"])
     assert parent.data.tags["best_run_id"] == best.info.run_id

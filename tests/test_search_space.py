@@ -79,3 +79,30 @@ def test_fingerprint_ignores_the_budget_but_not_the_space(workdir):
     b = space.load(write(workdir, BASE.replace("trials: 3", "trials: 9"), "b.yaml"))
     c = space.load(write(workdir, BASE.replace("high: 0.5", "high: 0.6"), "c.yaml"))
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_objective_is_the_score_of_the_model_the_trial_keeps(workdir):
+    """A trial whose best epoch came before its last is ranked by the weights it registers."""
+    import numpy as np
+
+    from digitlab import config, train
+    from digitlab.data import Split
+    from digitlab.search.trial import objective_value
+
+    labels = np.array([0, 1, 2, 3])
+    probabilities = np.eye(10, dtype=np.float32)[[0, 1, 2, 9]]  # the kept model gets 3 of 4 right
+    empty = np.zeros((0, 28, 28, 1), dtype=np.float32)
+    result = train.Result(
+        config=config.load_experiment("basic_cnn"), model=None,
+        split=Split(empty, labels[:0], empty, labels),
+        history={"val_accuracy": [0.5, 1.0, 0.75], "val_loss": [0.9, 0.2, 0.4]},
+        val_probabilities=probabilities, holdout_probabilities=None, holdout_accuracy=None,
+        train_seconds=1.0, precision="float32",
+    )
+    s = space.load(write(workdir, BASE))
+    assert objective_value(s, result) == 0.75
+    s = space.load(write(workdir, BASE.replace("metric: val_accuracy, direction: maximize",
+                                               "metric: val_loss, direction: minimize")))
+    assert objective_value(s, result) == 0.4
+    result.history["val_loss"][-1] = float("nan")
+    assert objective_value(s, result) is None

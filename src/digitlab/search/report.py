@@ -16,7 +16,7 @@ import optuna
 import pandas as pd
 from mlflow import MlflowClient
 
-from digitlab import tracking
+from digitlab import registry, tracking
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
 from digitlab.search.space import Param
@@ -102,11 +102,12 @@ def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str
     study = replay(settings, rows)
     if any(t.value is not None and math.isfinite(t.value) for t in study.trials):
         _plots(client, parent_run_id, study)
-    best = None
-    done = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
-    if done:
-        pick = max if space.direction == "maximize" else min
-        best = pick(done, key=lambda r: r["value"])
+    # The registry's ranking (with its tie-break) names the best trial, so the search
+    # reports the trial that `digitlab promote` would register.
+    ranked = [t.info.run_id for t in registry.ranked_trials(client, client.get_run(parent_run_id))]
+    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("run_id") in ranked]
+    best = min(done, key=lambda r: ranked.index(r["run_id"])) if done else None
+    if best:
         client.log_metric(parent_run_id, f"best_{space.metric}", float(best["value"]))
         client.log_metric(parent_run_id, "best_value", float(best["value"]))
         client.set_tag(parent_run_id, "best_trial_number", str(best["number"]))

@@ -50,11 +50,16 @@ class PruningHook(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def objective_value(space: SearchSpace, history: dict[str, list[float]]) -> float | None:
-    values = [v for v in history.get(space.metric, []) if math.isfinite(v)]
-    if not values:
-        return None
-    return max(values) if space.direction == "maximize" else min(values)
+def objective_value(space: SearchSpace, result: train.Result) -> float | None:
+    """The score of the model the trial hands on, not of its best epoch: a trial that kept
+    its last weights is ranked by them, or the search would rank weights nobody registers.
+    Validation accuracy is measured on that model itself, so it is right whichever weights
+    were restored; the other metrics are the last epoch's."""
+    if space.metric == "val_accuracy":
+        value = result.val_accuracy
+    else:
+        value = (result.history.get(space.metric) or [math.nan])[-1]
+    return value if math.isfinite(value) else None
 
 
 def encode(value: Any) -> Any:
@@ -102,7 +107,7 @@ def run_trial(
         if result.diverged:
             return _end(handle, FAIL, None, result.epochs_trained,
                         f"loss became non-finite at epoch {result.epochs_trained}")
-        value = objective_value(space, result.history)
+        value = objective_value(space, result)
         if value is None:
             return _end(handle, FAIL, None, result.epochs_trained, f"no finite {space.metric}")
         pruned = hook is not None and hook.pruned_at is not None
