@@ -104,9 +104,9 @@ def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str
         _plots(client, parent_run_id, study)
     # The registry's ranking (with its tie-break) names the best trial, so the search
     # reports the trial that `digitlab promote` would register.
-    ranked = [t.info.run_id for t in registry.ranked_trials(client, client.get_run(parent_run_id))]
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("run_id") in ranked]
-    best = min(done, key=lambda r: ranked.index(r["run_id"])) if done else None
+    done = {r["run_id"]: r for r in rows if r["state"] == "COMPLETE" and r.get("run_id")}
+    ranked = registry.ranked_trials(client, client.get_run(parent_run_id))
+    best = next((done[t.info.run_id] for t in ranked if t.info.run_id in done), None)
     if best:
         client.log_metric(parent_run_id, f"best_{space.metric}", float(best["value"]))
         client.log_metric(parent_run_id, "best_value", float(best["value"]))
