@@ -163,6 +163,22 @@ def test_median_pruner_prunes_in_a_real_study(workdir, tiny_dir):
             assert child.info.status == "KILLED"
 
 
+def test_hyperband_prunes_no_trial_before_min_epochs(workdir, tiny_dir):
+    # Without min_epochs, Hyperband over 4 epochs judges trials after epochs 1 and 3.
+    path = workdir / "hyperband.yaml"
+    path.write_text(SPACE.replace("pruner: none", "pruner: hyperband, min_epochs: 2")
+                    .replace("trials: 3", "trials: 6").replace("max_epochs: 2", "max_epochs: 4")
+                    .replace("low: 1.0e-3, high: 1.0e-2", "low: 1.0e-5, high: 1.0e-2"))
+    assert cli.main(search_args(path, tiny_dir)) == 0
+    _, children = split_runs()
+    client = MlflowClient()
+    epochs = {c.data.tags["trial_state"]: set() for c in children}
+    for child in children:
+        epochs[child.data.tags["trial_state"]].add(
+            len(client.get_metric_history(child.info.run_id, "val_accuracy")))
+    assert epochs == {"COMPLETE": {4}, "PRUNED": {2}}, epochs
+
+
 def test_nan_loss_fails_trials_and_stops_after_consecutive_failures(workdir, tiny_dir, capsys):
     path = workdir / "nan.yaml"
     path.write_text(SPACE.replace("fixed:\n", "fixed:\n  optimizer.name: sgd\n")

@@ -102,8 +102,8 @@ def _sampler(settings: Settings) -> optuna.samplers.BaseSampler:
 
 def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
     if settings.space.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=settings.max_epochs,
-                                              reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=settings.space.min_epochs,
+                                              max_resource=settings.max_epochs, reduction_factor=3)
     if settings.space.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     return optuna.pruners.NopPruner()

@@ -46,6 +46,7 @@ class SearchSpace:
     max_epochs: int = 10
     sampler: str = "tpe"
     pruner: str = "hyperband"
+    min_epochs: int = 1  # epochs every Optuna trial trains before it can be pruned
     tuner: str = "hyperband"
     max_consecutive_failures: int = 3
     fixed: dict = field(default_factory=dict)  # overrides applied to every trial
@@ -173,6 +174,7 @@ def load(path: str | Path) -> SearchSpace:
         max_epochs=budget.get("max_epochs", 10),
         sampler=optuna_opts.get("sampler", "tpe"),
         pruner=optuna_opts.get("pruner", "hyperband"),
+        min_epochs=optuna_opts.get("min_epochs", 1),
         tuner=kt_opts.get("tuner", "hyperband"),
         max_consecutive_failures=raw.get("max_consecutive_failures", 3),
         fixed=dict(fixed),
@@ -193,6 +195,8 @@ def _check(s: SearchSpace) -> None:
          "budget.max_epochs must be a positive integer"),
         (s.sampler in OPTUNA_SAMPLERS, f"optuna.sampler must be one of {', '.join(OPTUNA_SAMPLERS)}"),
         (s.pruner in OPTUNA_PRUNERS, f"optuna.pruner must be one of {', '.join(OPTUNA_PRUNERS)}"),
+        (isinstance(s.min_epochs, int) and 1 <= s.min_epochs <= s.max_epochs,
+         "optuna.min_epochs must be an integer from 1 to budget.max_epochs"),
         (s.tuner in KERASTUNER_TUNERS, f"kerastuner.tuner must be one of {', '.join(KERASTUNER_TUNERS)}"),
         (isinstance(s.max_consecutive_failures, int) and s.max_consecutive_failures >= 1,
          "max_consecutive_failures must be a positive integer"),
