@@ -8,18 +8,21 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SPACE
 
 ALL = ["dnn", "basic_cnn", "optimized_cnn", "deep_cnn", "lenet5", "kaggle_cnn", "wide_cnn"]
 
 
-def mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.CompletedProcess:
+def mlflow_run(workdir: Path, entry: str, *params: str,
+               experiment: str | None = "digit-recognizer") -> subprocess.CompletedProcess:
     for name in ("MLproject", "conda.yaml"):
         shutil.copy(REPO / name, workdir / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    args = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", entry,
-            "--env-manager", "local", "--experiment-name", "digit-recognizer"]
+    args = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local"]
+    if experiment:
+        args += ["--experiment-name", experiment]
     for p in params:
         args += ["-P", p]
     return subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
@@ -37,6 +40,21 @@ def test_main_entry_point(workdir, tiny_dir):
     assert run.info.status == "FINISHED"
     assert run.data.tags["experiment"] == "dnn"
     assert "best_val_accuracy" in run.data.metrics
+
+
+def test_search_then_promote_without_naming_an_experiment(workdir, tiny_dir):
+    """Plain `mlflow run . -e search` logs into MLflow's Default experiment; promote follows it."""
+    (workdir / "space.yaml").write_text(TINY_SPACE)
+    data = f"data_dir={tiny_dir}"
+    proc = mlflow_run(workdir, "search", "space=space.yaml", data, experiment=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(REPO / "registry", workdir / "registry")
+    proc = mlflow_run(workdir, "promote", data, experiment=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (search,) = mlflow.search_runs(experiment_names=["Default"], output_format="list",
+                                   filter_string="tags.search_study LIKE '%'")
+    version = MlflowClient().get_model_version_by_alias("digit-recognizer", "production")
+    assert version.tags["search_run_id"] == search.info.run_id
 
 
 @pytest.mark.slow

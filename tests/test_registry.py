@@ -83,6 +83,18 @@ def test_tied_trials_rank_by_validation_loss(workdir):
     assert [made[r.info.run_id] for r in ranked] == ["c", "a", "b"]
 
 
+def test_promote_names_the_search_it_cannot_see(workdir, tiny_dir, capsys):
+    """A search logged into another experiment is named, with the flag that promotes it."""
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    other = client.create_experiment("elsewhere")
+    search = client.create_run(other, tags={"search_study": "default-optuna"}).info.run_id
+    assert promote(tiny_dir) == 2
+    err = capsys.readouterr().err
+    assert "no search run found in experiment 'digit-recognizer'" in err
+    assert f"run {search} in experiment 'elsewhere': pass --search-run {search}" in err
+
+
 def test_promote_registers_the_best_trial_and_submit_uses_it(store, tiny_dir, capsys):
     ranked, search_run = trials()
     assert promote(tiny_dir) == 0

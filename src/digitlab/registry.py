@@ -54,12 +54,20 @@ def policy() -> Policy:
 
 
 def latest_search_run(client: MlflowClient, experiment_ids: list[str]) -> Run:
-    runs = client.search_runs(experiment_ids, filter_string="tags.search_study LIKE '%'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise UserError("no search run found in this experiment; run `digitlab search` first "
-                        "or pass --run ID")
-    return runs[0]
+    def latest(ids: list[str]) -> Run | None:
+        runs = client.search_runs(ids, filter_string="tags.search_study LIKE '%'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    if found := latest(experiment_ids):
+        return found
+    here = ", ".join(repr(client.get_experiment(i).name) for i in experiment_ids) or \
+        repr(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "digit-recognizer")
+    elsewhere = latest([e.experiment_id for e in client.search_experiments()])
+    hint = (f"; the latest search is run {elsewhere.info.run_id} in experiment "
+            f"{client.get_experiment(elsewhere.info.experiment_id).name!r}: pass --search-run "
+            f"{elsewhere.info.run_id}" if elsewhere else "; run `digitlab search` first")
+    raise UserError(f"no search run found in experiment {here}{hint}")
 
 
 def ranked_trials(client: MlflowClient, search_run: Run) -> list[Run]:
@@ -304,9 +312,9 @@ def promote(search_run_id: str | None = None, run_id: str | None = None, ensembl
     pol = policy()
     dataset = data_mod.load(data_dir)
     client = MlflowClient()
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                                               or "digit-recognizer")
-    experiment_ids = [experiment.experiment_id] if experiment else []
+    from digitlab import tracking
+
+    experiment_ids = [e] if (e := tracking.experiment_id()) else []
     members, search_run = select(client, experiment_ids, search_run_id, run_id, ensemble)
     version = register(members, search_run, tta, dataset, pol)
     load_check(pol.model_name, version.version, dataset, pol.load_check_rows)

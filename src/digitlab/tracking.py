@@ -49,6 +49,19 @@ def configure() -> str:
     return uri
 
 
+def experiment_id() -> str | None:
+    """The experiment this command works in, None when it does not exist yet.
+
+    `mlflow run` names it in MLFLOW_EXPERIMENT_ID (its `Default` when no
+    --experiment-name was given); otherwise MLFLOW_EXPERIMENT_NAME, else `digit-recognizer`.
+    """
+    if launched := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return launched
+    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                                               or DEFAULT_EXPERIMENT)
+    return experiment.experiment_id if experiment else None
+
+
 class RunHandle:
     """The run being recorded; set `status` to end it other than FINISHED (e.g. a pruned trial)."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 
-import mlflow
 import optuna
 import pandas as pd
 from mlflow import MlflowClient
@@ -36,9 +35,7 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
         client.set_tag(run_id, "mlflow.runName", settings.study)
         experiment_id = client.get_run(run_id).info.experiment_id
     else:
-        experiment_id = mlflow.get_experiment_by_name(
-            os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.DEFAULT_EXPERIMENT
-        ).experiment_id
+        experiment_id = tracking.experiment_id()
         run_id = client.create_run(experiment_id, run_name=settings.study).info.run_id
     space = settings.space
     # `mlflow run` has already logged its -P parameters (with their raw values) here
