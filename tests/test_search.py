@@ -163,6 +163,31 @@ def test_median_pruner_prunes_in_a_real_study(workdir, tiny_dir):
             assert child.info.status == "KILLED"
 
 
+def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_file, capsys):
+    from digitlab import search
+    from digitlab.search import space
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    exp = client.create_experiment("progress")
+    parent = client.create_run(exp).info.run_id
+    for number, objective, val_loss in ((0, 0.99, 0.05), (1, 0.98, 0.01), (2, 0.99, 0.03)):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "trial_state": "COMPLETE",
+                                           "trial_number": str(number)}).info.run_id
+        client.log_metric(run, "objective", objective)
+        client.log_metric(run, "val_loss", val_loss)
+
+    class ThreeFinished:  # the engine's side: how many trials have finished
+        def finished(self):
+            return 3
+
+    settings = search.Settings(space=space.load(space_file), engine="optuna", study="s",
+                               storage=None, workers=1, data_dir=None, seed=1)
+    search.Progress(ThreeFinished(), settings, parent).close()
+    # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation loss.
+    assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
+
+
 def test_hyperband_prunes_no_trial_before_min_epochs(workdir, tiny_dir):
     # Without min_epochs, Hyperband over 4 epochs judges trials after epochs 1 and 3.
     path = workdir / "hyperband.yaml"

@@ -14,8 +14,10 @@ import os
 import threading
 import time
 
+from mlflow import MlflowClient
+
 from digitlab import data as data_mod
-from digitlab import runtime, tracking
+from digitlab import registry, runtime, tracking
 from digitlab.errors import SearchFailed, Terminated, UserError
 from digitlab.search import report
 from digitlab.search.settings import ENGINES, Settings
@@ -55,15 +57,19 @@ def _engine(settings: Settings):
 
 
 class Progress:
-    """A trial progress bar: finished trials out of the budget, best value so far."""
+    """A trial progress bar: finished trials out of the budget, best trial so far.
 
-    def __init__(self, engine, settings: Settings) -> None:
+    The best trial is the registry's (objective, then validation loss), so the bar names
+    the same trial as the search's best_run_id and `digitlab promote` on a tie.
+    """
+
+    def __init__(self, engine, settings: Settings, parent_run_id: str) -> None:
         from tqdm import tqdm
 
-        self.engine, self.metric = engine, settings.space.metric
+        self.engine, self.metric, self.parent_run_id = engine, settings.space.metric, parent_run_id
         self.bar = tqdm(total=settings.trials, initial=engine.finished(), unit="trial",
                         desc=f"search {settings.study}", dynamic_ncols=True)
-        self.last = None
+        self.done = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -72,16 +78,23 @@ class Progress:
         while not self.stop.wait(2.0):
             self.refresh()
 
+    def best(self) -> tuple[float, str] | None:
+        client = MlflowClient()
+        ranked = registry.ranked_trials(client, client.get_run(self.parent_run_id))
+        if not ranked:
+            return None
+        return ranked[0].data.metrics["objective"], ranked[0].data.tags.get("trial_number", "?")
+
     def refresh(self) -> None:
         try:
-            done, best = self.engine.finished(), self.engine.best()
+            done = self.engine.finished()
+            if done == self.done:
+                return  # redraw only on news, so logs stay readable
+            best = self.best()
         except Exception:  # a busy storage only delays the bar
             return
-        state = (min(done, self.bar.total), best)
-        if state == self.last:
-            return  # redraw only on news, so logs stay readable
-        self.last = state
-        self.bar.n = state[0]
+        self.done = done
+        self.bar.n = min(done, self.bar.total)
         if best:
             self.bar.set_postfix({f"best {self.metric}": f"{best[0]:.4f}", "trial": best[1]},
                                  refresh=False)
@@ -104,7 +117,7 @@ def run(settings: Settings) -> dict:
     if finished >= settings.trials:
         print(f"study {settings.study!r} is already finished ({finished} of {settings.trials} "
               "trials); nothing to do")
-        return {"already_finished": True, "best": engine.best()}
+        return {"already_finished": True}
     with engine.lock():  # workers starting together on several machines share one parent run
         parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
         engine.set_parent_run_id(parent_run_id)
@@ -112,7 +125,7 @@ def run(settings: Settings) -> dict:
     if recovered:
         print(f"trials {recovered} were interrupted: marked FAIL, their runs KILLED, parameters queued again")
 
-    progress = Progress(engine, settings)
+    progress = Progress(engine, settings, parent_run_id)
     status = "FAILED"
     try:
         if settings.workers == 1:

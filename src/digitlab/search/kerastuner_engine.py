@@ -114,14 +114,6 @@ class KerasTunerEngine:
     def finished(self) -> int:
         return sum(t.status in ("COMPLETED", "FAILED") for t in self._trials())
 
-    def best(self) -> tuple[float, int] | None:
-        done = [t for t in self._trials() if t.status == "COMPLETED" and t.score is not None]
-        if not done:
-            return None
-        pick = max if self.settings.space.direction == "maximize" else min
-        t = pick(done, key=lambda t: t.score)
-        return t.score, int(t.trial_id)
-
     def recover_interrupted(self, end_run) -> list[int]:
         """KerasTuner requeues trials that were running when its process died: their
         interrupted runs end KILLED, and the retry becomes a new run tagged retry_of."""

@@ -185,14 +185,6 @@ class OptunaEngine:
     def finished(self) -> int:
         return sum(counts_toward_budget(t) for t in self.study.get_trials(deepcopy=False))
 
-    def best(self) -> tuple[float, int] | None:
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if not done:
-            return None
-        pick = max if self.settings.space.direction == "maximize" else min
-        t = pick(done, key=lambda t: t.value)
-        return t.value, t.number
-
     def recover_interrupted(self, end_run) -> list[int]:
         """Fail trials whose process on this machine is gone, end their runs KILLED,
         and queue their parameters once more (a retried trial is not retried again)."""
