@@ -188,6 +188,23 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
     assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
 
 
+def test_search_plots_number_trials_as_the_runs_do(workdir, space_file):
+    """Pruned and failed trials keep their numbers in the replayed study behind the plots."""
+    from digitlab import search
+    from digitlab.search import report, space
+
+    settings = search.Settings(space=space.load(space_file), engine="optuna", study="s",
+                               storage=None, workers=1, data_dir=None, seed=1)
+    sampled = {"params.model.dropout": 0.2, "params.optimizer.learning_rate": 0.003}
+    rows = [{"number": 3, "state": "COMPLETE", "value": 0.9, **sampled},
+            {"number": 0, "state": "PRUNED", "value": None, **sampled},
+            {"number": 1, "state": "FAIL", "value": None}]
+    study = report.replay(settings, rows)
+    assert [(t.number, t.state.name, t.value) for t in study.trials] == [
+        (0, "PRUNED", None), (1, "FAIL", None), (2, "FAIL", None), (3, "COMPLETE", 0.9)]
+    assert study.best_trial.number == 3 and study.best_trial.params["model.dropout"] == 0.2
+
+
 def test_hyperband_prunes_no_trial_before_min_epochs(workdir, tiny_dir):
     # Without min_epochs, Hyperband over 4 epochs judges trials after epochs 1 and 3.
     path = workdir / "hyperband.yaml"

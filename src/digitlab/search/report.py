@@ -14,6 +14,7 @@ import os
 import optuna
 import pandas as pd
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 
 from digitlab import registry, tracking
 from digitlab.search import trial as trial_mod
@@ -75,16 +76,25 @@ def _distribution(p: Param) -> optuna.distributions.BaseDistribution:
 
 
 def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
-    """The finished trials as an in-memory Optuna study (for plots and importances)."""
+    """The trials as an in-memory Optuna study (for plots and importances).
+
+    Every trial is added, pruned and failed ones too, so that the plots number trials
+    as the MLflow runs and the trials table do; only completed trials carry a value.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=settings.space.direction)
     distributions = {p.key: _distribution(p) for p in settings.space.params}
-    for row in rows:
-        if row["state"] != "COMPLETE" or row["value"] is None:
-            continue
-        params = {k: row[f"params.{k}"] for k in distributions if f"params.{k}" in row}
+    states = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
+    for row in sorted(rows, key=lambda r: r["number"]):
+        while len(study.get_trials(deepcopy=False)) < row["number"]:  # a number with no row (e.g. still queued)
+            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+        state = states.get(row["state"], TrialState.FAIL)
+        if state == TrialState.COMPLETE and row["value"] is None:
+            state = TrialState.FAIL
+        params = {k: row[f"params.{k}"] for k in distributions if row.get(f"params.{k}") is not None}
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: distributions[k] for k in params}, value=row["value"],
+            params=params, distributions={k: distributions[k] for k in params}, state=state,
+            value=row["value"] if state == TrialState.COMPLETE else None,
         ))
     return study
 
