@@ -51,6 +51,7 @@ def test_search_then_promote_without_naming_an_experiment(workdir, tiny_dir):
     shutil.copytree(REPO / "registry", workdir / "registry")
     proc = mlflow_run(workdir, "promote", data, experiment=None)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     (search,) = mlflow.search_runs(experiment_names=["Default"], output_format="list",
                                    filter_string="tags.search_study LIKE '%'")
     version = MlflowClient().get_model_version_by_alias("digit-recognizer", "production")
