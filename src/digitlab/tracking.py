@@ -53,7 +53,8 @@ def experiment_id() -> str | None:
     """The experiment this command works in, None when it does not exist yet.
 
     `mlflow run` names it in MLFLOW_EXPERIMENT_ID (its `Default` when no
-    --experiment-name was given); otherwise MLFLOW_EXPERIMENT_NAME, else `digit-recognizer`.
+    --experiment-name was given), and so does MLflow's `set_experiment` in `configure`;
+    before that, MLFLOW_EXPERIMENT_NAME's, else `digit-recognizer`.
     """
     if launched := os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return launched

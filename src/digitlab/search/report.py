@@ -86,7 +86,8 @@ def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
     distributions = {p.key: _distribution(p) for p in settings.space.params}
     states = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
     for row in sorted(rows, key=lambda r: r["number"]):
-        while len(study.get_trials(deepcopy=False)) < row["number"]:  # a number with no row (e.g. still queued)
+        # A number without a row (e.g. a trial still queued) keeps its place as a FAIL.
+        while len(study.get_trials(deepcopy=False)) < row["number"]:
             study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
         state = states.get(row["state"], TrialState.FAIL)
         if state == TrialState.COMPLETE and row["value"] is None:
