@@ -29,6 +29,8 @@ def measure(quick: bool) -> list[Row]:
                     note="not run with --quick (it takes about 20 minutes)")]
     from mlflow import MlflowClient
 
+    from digitlab import registry
+
     with scratch("default") as root:
         for name in ("MLproject", "conda.yaml"):
             (Path(root) / name).write_text((REPO / name).read_text())
@@ -44,8 +46,6 @@ def measure(quick: bool) -> list[Row]:
         versions = {int(v.version): v for v in client.search_model_versions("name = 'digit-recognizer'")}
         single, ensemble, tta = (float(versions[n].tags["holdout_accuracy"]) * 100 for n in (1, 2, 3))
         # What the search had to choose from: every completed trial's holdout accuracy.
-        from digitlab import registry
-
         search_run = client.get_run(versions[1].tags["search_run_id"])
         completed = sorted(t.data.metrics["holdout_accuracy"] * 100
                            for t in registry.ranked_trials(client, search_run))

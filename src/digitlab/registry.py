@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -54,6 +53,8 @@ def policy() -> Policy:
 
 
 def latest_search_run(client: MlflowClient, experiment_ids: list[str]) -> Run:
+    from digitlab import tracking
+
     def latest(ids: list[str]) -> Run | None:
         runs = client.search_runs(ids, filter_string="tags.search_study LIKE '%'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
@@ -62,7 +63,7 @@ def latest_search_run(client: MlflowClient, experiment_ids: list[str]) -> Run:
     if found := latest(experiment_ids):
         return found
     here = ", ".join(repr(client.get_experiment(i).name) for i in experiment_ids) or \
-        repr(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "digit-recognizer")
+        repr(tracking.experiment_name())
     elsewhere = latest([e.experiment_id for e in client.search_experiments()])
     hint = (f"; the latest search is run {elsewhere.info.run_id} in experiment "
             f"{client.get_experiment(elsewhere.info.experiment_id).name!r}: pass --search-run "

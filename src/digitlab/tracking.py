@@ -41,12 +41,16 @@ def configure() -> str:
         check_server(uri)
     if os.environ.get("MLFLOW_RUN_ID"):
         return uri
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    name = experiment_name()
     try:
         mlflow.set_experiment(name)
     except mlflow.exceptions.MlflowException:
         mlflow.set_experiment(name)  # a parallel process created it first
     return uri
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def experiment_id() -> str | None:
@@ -58,8 +62,7 @@ def experiment_id() -> str | None:
     """
     if launched := os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return launched
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                                               or DEFAULT_EXPERIMENT)
+    experiment = mlflow.get_experiment_by_name(experiment_name())
     return experiment.experiment_id if experiment else None
 
 
