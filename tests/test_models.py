@@ -54,3 +54,16 @@ def test_each_experiment_trains_one_epoch(name, workdir, tiny_dir):
     assert 0.0 <= result.best_val_accuracy <= 1.0
     assert result.val_probabilities.shape == (len(result.split.val_labels), 10)
     assert result.holdout_accuracy is not None
+
+
+def test_annealer_keeps_the_cuts_of_lr_reduction_on_plateau(workdir, tiny_dir):
+    # A learning rate too small to move the weights keeps val_accuracy flat, so the
+    # plateau rule halves the rate after the second epoch; the annealer then halves
+    # that reduced rate again instead of resetting it to learning_rate * 0.5**2.
+    cfg = config.load_experiment("dnn", {
+        "training.epochs": 3, "optimizer.learning_rate": 1e-9, "training.lr_decay": 0.5,
+        "training.reduce_lr": {"enabled": True, "monitor": "val_accuracy", "factor": 0.5,
+                               "patience": 1, "min_lr": 1e-15},
+    })
+    result = train.run(cfg, data.load(tiny_dir), verbose=0)
+    np.testing.assert_allclose(result.history["learning_rate"], [1e-9, 0.5e-9, 0.125e-9], rtol=1e-5)

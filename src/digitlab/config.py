@@ -72,7 +72,7 @@ class TrainingConfig:
     epochs: int = 10
     batch_size: int = 64
     validation_fraction: float = 0.1
-    # learning-rate annealer: lr = learning_rate * lr_decay ** epoch (1.0 = off)
+    # learning-rate annealer: the rate is multiplied by lr_decay after every epoch (1.0 = off)
     lr_decay: float = 1.0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     reduce_lr: ReduceLROnPlateau = field(default_factory=ReduceLROnPlateau)

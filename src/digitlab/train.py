@@ -105,7 +105,13 @@ def recipe_callbacks(config: ExperimentConfig) -> list[keras.callbacks.Callback]
     callbacks: list[keras.callbacks.Callback] = []
     if t.lr_decay < 1.0:
         base, decay = config.optimizer.learning_rate, t.lr_decay
-        callbacks.append(keras.callbacks.LearningRateScheduler(lambda epoch: base * decay**epoch))
+        # Multiply the current rate rather than recompute base * decay**epoch, so the
+        # cuts ReduceLROnPlateau makes at an epoch's end carry into the next epoch.
+        callbacks.append(
+            keras.callbacks.LearningRateScheduler(
+                lambda epoch, lr: base if epoch == 0 else float(lr) * decay
+            )
+        )
     if t.reduce_lr.enabled:
         r = t.reduce_lr
         callbacks.append(
