@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+KEEP_SCRATCH = False  # run.py --keep: leave each scratch store for the MLflow UI
 
 
 @dataclass
@@ -87,7 +88,10 @@ def scratch(name: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
-        shutil.rmtree(root, ignore_errors=True)
+        if KEEP_SCRATCH:
+            print(f"kept {root} (MLFLOW_TRACKING_URI=sqlite:///{root / 'mlflow.db'})", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -1,6 +1,6 @@
 """All benchmarks: one table on stdout, the same figures and the machine as JSON.
 
-    python benchmarks/run.py [--quick] [--only 1,2,6] [--json benchmarks/results.json]
+    python benchmarks/run.py [--quick] [--only 1,2,6] [--keep] [--json benchmarks/results.json]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import bench_default  # noqa: E402
 import bench_inference  # noqa: E402
 import bench_search  # noqa: E402
 import bench_train  # noqa: E402
+import common  # noqa: E402
 from common import Row, as_json, machine, print_table  # noqa: E402
 
 FIGURES = {
@@ -41,7 +42,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test for CI")
     parser.add_argument("--only", default="", help="comma-separated figures: 1,2,3,5,6,8")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the JSON")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each scratch directory and its MLflow store instead of deleting it")
     args = parser.parse_args()
+    common.KEEP_SCRATCH = args.keep
     wanted = [f for f in args.only.split(",") if f] or [*FIGURES, "8"]
     info = machine()
     rows: list[Row] = []

@@ -52,6 +52,8 @@ def test_each_experiment_trains_one_epoch(name, workdir, tiny_dir):
     assert result.epochs_trained == 1
     assert set(result.history) == set(train.EPOCH_METRICS)
     assert 0.0 <= result.best_val_accuracy <= 1.0
+    # Measured on the returned model, it agrees with what Keras logged for the last epoch.
+    assert result.val_crossentropy == pytest.approx(result.history["val_crossentropy"][-1], rel=1e-3)
     assert result.val_probabilities.shape == (len(result.split.val_labels), 10)
     assert result.holdout_accuracy is not None
 

@@ -67,16 +67,19 @@ def production():
 
 
 def test_tied_trials_rank_by_validation_loss(workdir):
-    """Equal validation accuracy is common on a small validation set; the lower loss wins."""
+    """Equal validation accuracy is common on a small validation set; the lower cross-entropy
+    wins, whatever each trial's L2 penalty adds to its val_loss."""
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = client.create_experiment("ties")
     parent = client.create_run(exp, tags={"search_study": "ties"})
     client.log_param(parent.info.run_id, "objective.direction", "maximize")
     made = {}
-    for name, objective, val_loss in (("c", 0.99, 0.03), ("b", 0.98, 0.01), ("a", 0.99, 0.05)):
+    for name, objective, crossentropy, val_loss in (("c", 0.99, 0.03, 0.50), ("b", 0.98, 0.01, 0.01),
+                                                    ("a", 0.99, 0.05, 0.05)):
         run = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id,
                                            "trial_state": "COMPLETE"})
         client.log_metric(run.info.run_id, "objective", objective)
+        client.log_metric(run.info.run_id, "val_crossentropy", crossentropy)
         client.log_metric(run.info.run_id, "val_loss", val_loss)
         made[run.info.run_id] = name
     ranked = registry.ranked_trials(client, client.get_run(parent.info.run_id))

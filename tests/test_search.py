@@ -171,11 +171,11 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
     client = MlflowClient()
     exp = client.create_experiment("progress")
     parent = client.create_run(exp).info.run_id
-    for number, objective, val_loss in ((0, 0.99, 0.05), (1, 0.98, 0.01), (2, 0.99, 0.03)):
+    for number, objective, crossentropy in ((0, 0.99, 0.05), (1, 0.98, 0.01), (2, 0.99, 0.03)):
         run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "trial_state": "COMPLETE",
                                            "trial_number": str(number)}).info.run_id
         client.log_metric(run, "objective", objective)
-        client.log_metric(run, "val_loss", val_loss)
+        client.log_metric(run, "val_crossentropy", crossentropy)
 
     class ThreeFinished:  # the engine's side: how many trials have finished
         def finished(self):
@@ -184,7 +184,7 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
     settings = search.Settings(space=space.load(space_file), engine="optuna", study="s",
                                storage=None, workers=1, data_dir=None, seed=1)
     search.Progress(ThreeFinished(), settings, parent).close()
-    # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation loss.
+    # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation cross-entropy.
     assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
 
 

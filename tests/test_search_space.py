@@ -104,6 +104,10 @@ def test_objective_is_the_score_of_the_model_the_trial_keeps(workdir):
     s = space.load(write(workdir, BASE))
     assert objective_value(s, result) == 0.75
     s = space.load(write(workdir, BASE.replace("metric: val_accuracy, direction: maximize",
+                                               "metric: val_crossentropy, direction: minimize")))
+    # Three sure and right (log 1 = 0), one sure and wrong (clipped at 1e-7), on the kept model.
+    assert objective_value(s, result) == pytest.approx(-np.log(1e-7) / 4, rel=1e-5)
+    s = space.load(write(workdir, BASE.replace("metric: val_accuracy, direction: maximize",
                                                "metric: val_loss, direction: minimize")))
     assert objective_value(s, result) == 0.4
     result.history["val_loss"][-1] = float("nan")

@@ -38,7 +38,8 @@ def test_train_logs_a_complete_run(workdir, tiny_dir, capsys):
     assert len(params["data.digest"]) == 64
 
     client = MlflowClient()
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+    for key in ("loss", "accuracy", "crossentropy", "val_loss", "val_accuracy", "val_crossentropy",
+                "learning_rate"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
     val = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]

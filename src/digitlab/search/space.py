@@ -19,6 +19,8 @@ from digitlab import config as config_mod
 from digitlab.errors import ConfigError
 from digitlab.train import EPOCH_METRICS
 
+OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m != "learning_rate")
+
 ARCHITECTURE_KEY = "experiment"
 OPTUNA_SAMPLERS = ("tpe", "random")
 OPTUNA_PRUNERS = ("hyperband", "median", "none")
@@ -187,8 +189,8 @@ def load(path: str | Path) -> SearchSpace:
 def _check(s: SearchSpace) -> None:
     p = s.path
     checks = [
-        (s.metric in EPOCH_METRICS and s.metric != "learning_rate",
-         f"objective.metric must be one of loss, accuracy, val_loss, val_accuracy (got {s.metric!r})"),
+        (s.metric in OBJECTIVE_METRICS,
+         f"objective.metric must be one of {', '.join(OBJECTIVE_METRICS)} (got {s.metric!r})"),
         (s.direction in ("maximize", "minimize"), "objective.direction must be maximize or minimize"),
         (isinstance(s.trials, int) and s.trials >= 1, "budget.trials must be a positive integer"),
         (isinstance(s.max_epochs, int) and s.max_epochs >= 1,

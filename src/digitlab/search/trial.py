@@ -53,10 +53,10 @@ class PruningHook(keras.callbacks.Callback):
 def objective_value(space: SearchSpace, result: train.Result) -> float | None:
     """The score of the model the trial hands on, not of its best epoch: a trial that kept
     its last weights is ranked by them, or the search would rank weights nobody registers.
-    Validation accuracy is measured on that model itself, so it is right whichever weights
-    were restored; the other metrics are the last epoch's."""
-    if space.metric == "val_accuracy":
-        value = result.val_accuracy
+    Validation accuracy and cross-entropy are measured on that model itself, so they are
+    right whichever weights were restored; the other metrics are the last epoch's."""
+    if space.metric in ("val_accuracy", "val_crossentropy"):
+        value = getattr(result, space.metric)
     else:
         value = (result.history.get(space.metric) or [math.nan])[-1]
     return value if math.isfinite(value) else None
