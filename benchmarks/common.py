@@ -43,6 +43,9 @@ def machine() -> dict:
     for name in ("tensorflow", "keras", "jax", "mlflow", "optuna", "keras-tuner", "numpy", "pandas"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
+    if "mlflow" not in versions:  # a GPU machine may carry only the client, mlflow-skinny
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions["mlflow-skinny"] = importlib.metadata.version("mlflow-skinny")
     from digitlab import runtime
 
     return {

@@ -29,12 +29,12 @@ FIGURES = {
 }
 
 
-def gpu_rows(info: dict) -> list[Row]:
-    note = ("this machine has no GPU; run on a GPU machine (KERAS_BACKEND=jax works) "
-            "to fill this row") if info["gpu"] == "CPU" else ""
-    if note:
-        return [Row("8 GPU", "images/s on GPU, ours and plain model.fit", None, "images/s", note=note)]
-    return bench_train.measure(quick=False)
+def gpu_rows(info: dict, quick: bool) -> list[Row]:
+    if info["gpu"] == "CPU":
+        return [Row("8 GPU", "images/s on GPU, ours and plain model.fit", None, "images/s",
+                    note="this machine has no GPU; run on a GPU machine (KERAS_BACKEND=jax "
+                         "works) to fill this row")]
+    return bench_train.measure_gpu(quick, info["gpu"])
 
 
 def main() -> int:
@@ -51,7 +51,7 @@ def main() -> int:
     rows: list[Row] = []
     for figure in wanted:
         if figure == "8":
-            rows += gpu_rows(info)
+            rows += gpu_rows(info, args.quick)
         elif figure in FIGURES:
             rows += FIGURES[figure](args.quick)
         else:
