@@ -48,6 +48,8 @@ def test_int_accepted_for_float(workdir):
         ({"model.blocks.7.filters": [3]}, "no item 'model.blocks.7'"),
         ({"model.dropout": 1.5}, r"dropout must be in \[0, 1\)"),
         ({"optimizer.name": "adagrad"}, "optimizer.name must be"),
+        ({"augmentation.elastic": -1.0}, "augmentation strengths must be >= 0"),
+        ({"augmentation.elastic_sigma": 0.0}, "elastic_sigma must be > 0"),
     ],
 )
 def test_bad_overrides_are_errors(workdir, override, message):

@@ -69,3 +69,46 @@ def test_annealer_keeps_the_cuts_of_lr_reduction_on_plateau(workdir, tiny_dir):
     })
     result = train.run(cfg, data.load(tiny_dir), verbose=0)
     np.testing.assert_allclose(result.history["learning_rate"], [1e-9, 0.5e-9, 0.125e-9], rtol=1e-5)
+
+
+def test_elastic_distortion_bends_training_images_only(tiny_dir):
+    images = data.load(tiny_dir).train_images[:16]
+    layer = models.ElasticDistortion(alpha=34.0, sigma=4.0, seed=3)
+    np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
+    moved = np.asarray(layer(images, training=True))
+    assert moved.shape == images.shape and moved.dtype == np.float32
+    assert 0.0 <= moved.min() and moved.max() <= 1.0
+    changed = np.abs(moved - images).reshape(16, -1).max(axis=1)
+    assert (changed > 0.1).all()  # every image is bent
+
+
+def test_elastic_distortion_grows_with_alpha(tiny_dir):
+    images = data.load(tiny_dir).train_images[:16]
+    change = [float(np.abs(np.asarray(models.ElasticDistortion(alpha, 4.0, seed=3)(images, training=True))
+                           - images).mean()) for alpha in (8.0, 34.0, 100.0)]
+    assert change[0] < change[1] < change[2]
+
+
+def test_elastic_distortion_keeps_rows_and_columns_in_place(tiny_dir):
+    # A vanishing field must give back the image itself, not a transposed or shifted one.
+    images = data.load(tiny_dir).train_images[:4]
+    moved = np.asarray(models.ElasticDistortion(alpha=1e-4, sigma=4.0, seed=0)(images, training=True))
+    np.testing.assert_allclose(moved, images, atol=1e-3)
+
+
+def test_elastic_distortion_is_part_of_augmentation(workdir):
+    cfg = config.load_experiment("kaggle_cnn", {"augmentation.elastic": 30.0})
+    steps = models.augmentation(cfg.augmentation, seed=1).layers
+    assert isinstance(steps[-1], models.ElasticDistortion) and steps[-1].alpha == 30.0
+    plain = config.load_experiment("kaggle_cnn")
+    assert not any(isinstance(s, models.ElasticDistortion)
+                   for s in models.augmentation(plain.augmentation, seed=1).layers)
+
+
+def test_training_runs_with_elastic_distortion(workdir, tiny_dir):
+    # fit traces the layer into a graph with an unknown batch size, unlike an eager call
+    cfg = config.load_experiment("basic_cnn", {
+        "training.epochs": 1, "augmentation.enabled": True, "augmentation.elastic": 34.0,
+        "model.blocks.0.filters": [8, 16], "model.dense_units": [32]})
+    result = train.run(cfg, data.load(tiny_dir), verbose=0)
+    assert result.epochs_trained == 1 and np.isfinite(result.history["loss"][0])

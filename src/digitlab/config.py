@@ -87,6 +87,10 @@ class AugmentationConfig:
     rotation: float = 10.0  # degrees
     zoom: float = 0.1  # fraction
     shift: float = 0.1  # fraction of the image size
+    # elastic distortion: strength alpha and smoothness sigma, both in pixels (0 = off);
+    # Simard et al. used alpha 34, sigma 4 on MNIST
+    elastic: float = 0.0
+    elastic_sigma: float = 4.0
 
 
 @dataclass
@@ -213,7 +217,8 @@ def validate(config: ExperimentConfig) -> None:
         (t.batch_size >= 1, "training.batch_size must be >= 1"),
         (0 < t.validation_fraction < 1, "training.validation_fraction must be in (0, 1)"),
         (0 < t.lr_decay <= 1, "training.lr_decay must be in (0, 1]"),
-        (a.rotation >= 0 and a.zoom >= 0 and a.shift >= 0, "augmentation strengths must be >= 0"),
+        (min(a.rotation, a.zoom, a.shift, a.elastic) >= 0, "augmentation strengths must be >= 0"),
+        (a.elastic_sigma > 0, "augmentation.elastic_sigma must be > 0"),
     ]
     for ok, message in checks:
         if not ok:

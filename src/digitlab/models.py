@@ -9,7 +9,8 @@ Keras 3 APIs only, so the code runs on the TensorFlow and JAX backends alike.
 from __future__ import annotations
 
 import keras
-from keras import layers
+import numpy as np
+from keras import layers, ops
 
 from digitlab.config import AugmentationConfig, ExperimentConfig, OptimizerConfig
 
@@ -73,7 +74,64 @@ def augmentation(aug: AugmentationConfig, seed: int) -> keras.Sequential | None:
         steps.append(layers.RandomZoom(aug.zoom, fill_mode="constant", seed=seed + 1))
     if aug.shift > 0:
         steps.append(layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant", seed=seed + 2))
+    if aug.elastic > 0:
+        steps.append(ElasticDistortion(aug.elastic, aug.elastic_sigma, seed=seed + 3))
     return keras.Sequential(steps, name="augmentation") if steps else None
+
+
+class ElasticDistortion(layers.Layer):
+    """Elastic distortion (Simard, Steinkraus and Platt, 2003), the augmentation that
+    suits handwriting best: every pixel moves by a random field, smoothed by a Gaussian
+    of `sigma` pixels and scaled by `alpha`, so strokes bend the way pen strokes do.
+    Identity at inference. (Keras' RandomElasticTransform draws one field for both axes,
+    which only moves pixels along the diagonal.)"""
+
+    def __init__(self, alpha: float, sigma: float = 4.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha, self.sigma, self.seed = float(alpha), float(sigma), seed
+        self.generator = keras.random.SeedGenerator(seed)
+        radius = max(1, round(3 * self.sigma))
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / self.sigma) ** 2)
+        self.taps = (taps / taps.sum()).astype("float32")
+
+    def call(self, images, training=None):
+        if not training or self.alpha <= 0:
+            return images
+        batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
+        field = keras.random.uniform((batch, height, width, 2), -1.0, 1.0, seed=self.generator)
+        # The Gaussian is separable: blur along rows, then columns, each field on its own.
+        n = len(self.taps)
+        along_x = ops.tile(ops.reshape(ops.convert_to_tensor(self.taps), (1, n, 1, 1)), (1, 1, 2, 1))
+        along_y = ops.reshape(along_x, (n, 1, 2, 1))
+        field = ops.depthwise_conv(field, along_x, padding="same")
+        field = self.alpha * ops.depthwise_conv(field, along_y, padding="same")
+        rows = ops.arange(height, dtype="float32")[None, :, None] + field[..., 0]
+        cols = ops.arange(width, dtype="float32")[None, None, :] + field[..., 1]
+        return ops.cast(bilinear_sample(images[..., 0], rows, cols), images.dtype)[..., None]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "sigma": self.sigma, "seed": self.seed}
+
+
+def bilinear_sample(images, rows, cols):
+    """images (batch, height, width) read at real-valued (rows, cols) of the same shape,
+    zero outside. A flat gather, which every backend runs with an unknown batch size."""
+    height, width = images.shape[1], images.shape[2]
+    flat = ops.reshape(ops.cast(images, "float32"), (-1,))
+    base = (ops.arange(ops.shape(images)[0]) * (height * width))[:, None, None]
+    top, left = ops.floor(rows), ops.floor(cols)
+    out = 0.0
+    for r, wr in ((top, 1.0 - (rows - top)), (top + 1.0, rows - top)):
+        for c, wc in ((left, 1.0 - (cols - left)), (left + 1.0, cols - left)):
+            inside = (r >= 0) & (r <= height - 1) & (c >= 0) & (c <= width - 1)
+            r_i = ops.cast(ops.clip(r, 0, height - 1), "int32")
+            c_i = ops.cast(ops.clip(c, 0, width - 1), "int32")
+            value = ops.take(flat, base + r_i * width + c_i)
+            out = out + ops.where(inside, value * wr * wc, 0.0)
+    return out
 
 
 def optimizer(opt: OptimizerConfig) -> keras.optimizers.Optimizer:
