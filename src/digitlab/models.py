@@ -80,9 +80,9 @@ def augmentation(aug: AugmentationConfig, seed: int) -> keras.Sequential | None:
 
 
 class ElasticDistortion(layers.Layer):
-    """Elastic distortion (Simard, Steinkraus and Platt, 2003), the augmentation that
-    suits handwriting best: every pixel moves by a random field, smoothed by a Gaussian
-    of `sigma` pixels and scaled by `alpha`, so strokes bend the way pen strokes do.
+    """Elastic distortion (Simard, Steinkraus and Platt, 2003, who found it the best
+    augmentation for handwritten digits): every pixel moves by a random field, smoothed
+    by a Gaussian of `sigma` pixels and scaled by `alpha`, so strokes bend as pen strokes do.
     Identity at inference. (Keras' RandomElasticTransform draws one field for both axes,
     which only moves pixels along the diagonal.)"""
 
