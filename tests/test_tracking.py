@@ -169,3 +169,23 @@ def test_malformed_data_leaves_no_run_in_an_existing_store(workdir, tiny_dir, tm
     (bad / "test.csv").write_text((tiny_dir / "test.csv").read_text())
     assert cli.main(["train", "--experiment", "dnn", "--data-dir", str(bad)]) == 2
     assert len(only_run()) == 1
+
+
+def test_runs_go_to_the_experiment_named_by_mlflow_experiment_id(workdir, tiny_dir, monkeypatch):
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    chosen = MlflowClient().create_experiment("mine")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", chosen)
+    assert cli.main(["train", "--experiment", "dnn", "--epochs", "1", "--data-dir", str(tiny_dir)]) == 0
+    assert len(only_run("mine")) == 1
+    assert mlflow.get_experiment_by_name("digit-recognizer") is None
+    assert tracking.experiment_id() == chosen
+
+
+def test_an_unknown_mlflow_experiment_id_is_a_one_line_error(workdir, tiny_dir, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "12345")
+    assert cli.main(["train", "--experiment", "dnn", "--epochs", "1", "--data-dir", str(tiny_dir)]) == 2
+    # (MLflow logs the creation of the new store on stderr before our one line)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("digitlab:")]
+    assert errors == ["digitlab: error: MLFLOW_EXPERIMENT_ID=12345: No Experiment with id=12345 exists"]
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

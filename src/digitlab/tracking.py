@@ -41,6 +41,14 @@ def configure() -> str:
         check_server(uri)
     if os.environ.get("MLFLOW_RUN_ID"):
         return uri
+    # MLflow's own order: a name in MLFLOW_EXPERIMENT_NAME wins over an id in MLFLOW_EXPERIMENT_ID.
+    chosen_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if chosen_id and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        try:
+            mlflow.set_experiment(experiment_id=chosen_id)
+        except mlflow.exceptions.MlflowException as exc:  # unknown, malformed or deleted
+            raise UserError(f"MLFLOW_EXPERIMENT_ID={chosen_id}: {exc.message}") from None
+        return uri
     name = experiment_name()
     try:
         mlflow.set_experiment(name)
@@ -57,10 +65,12 @@ def experiment_id() -> str | None:
     """The experiment this command works in, None when it does not exist yet.
 
     `mlflow run` names it in MLFLOW_EXPERIMENT_ID (its `Default` when no
-    --experiment-name was given), and so does MLflow's `set_experiment` in `configure`;
-    before that, MLFLOW_EXPERIMENT_NAME's, else `digit-recognizer`.
+    --experiment-name was given), and so does MLflow's `set_experiment` in `configure`
+    (MLFLOW_EXPERIMENT_NAME's, else a user-set MLFLOW_EXPERIMENT_ID, else
+    `digit-recognizer`); before `configure`, the same order.
     """
-    if launched := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+    launched = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if launched and (os.environ.get("MLFLOW_RUN_ID") or not os.environ.get("MLFLOW_EXPERIMENT_NAME")):
         return launched
     experiment = mlflow.get_experiment_by_name(experiment_name())
     return experiment.experiment_id if experiment else None
