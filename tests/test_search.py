@@ -359,3 +359,22 @@ def test_bad_engine_and_workers_are_errors(space_file, tiny_dir, capsys):
     assert "--engine must be one of optuna, kerastuner" in capsys.readouterr().err
     assert cli.main(search_args(space_file, tiny_dir, "--engine", "kerastuner", "--workers", "2")) == 2
     assert not Path("optuna.journal").exists() and not Path("mlflow.db").exists()
+
+
+@pytest.mark.parametrize("min_epochs", [1, 2])
+def test_median_pruner_judges_from_min_epochs(workdir, min_epochs):
+    from digitlab import search
+    from digitlab.search import optuna_engine, space
+
+    path = workdir / "median.yaml"
+    path.write_text(SPACE.replace("pruner: none", f"pruner: median, min_epochs: {min_epochs}"))
+    settings = search.Settings(space=space.load(path), engine="optuna", study="s", storage=None,
+                               workers=1, data_dir=None, seed=1)
+    study = optuna.create_study(direction="maximize", pruner=optuna_engine._pruner(settings))
+    for _ in range(3):  # the pruner's startup trials, all good from the first epoch
+        study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.9, 2: 0.9}))
+    weak = study.ask()
+    weak.report(0.1, 1)
+    assert weak.should_prune() == (min_epochs == 1)
+    weak.report(0.1, 2)
+    assert weak.should_prune()

@@ -105,7 +105,8 @@ def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=settings.space.min_epochs,
                                               max_resource=settings.max_epochs, reduction_factor=3)
     if settings.space.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+        # Steps are epochs counted from 1, so the first judgement comes after min_epochs epochs.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings.space.min_epochs)
     return optuna.pruners.NopPruner()
 
 
