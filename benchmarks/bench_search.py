@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import Row, scratch
+from common import Row, median, scratch
 
 # Ranked by validation cross-entropy, as search/default.yaml is; each study is then read
 # by the highest validation accuracy among its completed trials.
@@ -27,7 +27,7 @@ QUICK_FIXED = "fixed:\n  model.blocks.0.filters: [8, 16]\n  model.dense_units: [
 
 
 def study(name: str, quick: bool, *, trials: int, epochs: int, sampler="tpe", pruner="hyperband",
-          engine="optuna", workers=1) -> dict:
+          engine="optuna", workers=1, seed=3) -> dict:
     from mlflow import MlflowClient
 
     from digitlab import search
@@ -36,7 +36,7 @@ def study(name: str, quick: bool, *, trials: int, epochs: int, sampler="tpe", pr
     path = Path(f"{name}.yaml")
     path.write_text(SPACE.format(experiment=experiment, trials=trials, epochs=epochs, sampler=sampler,
                                  pruner=pruner, fixed=QUICK_FIXED if quick else ""))
-    settings = search.make_settings(str(path), engine=engine, workers=workers, study=name, seed=3)
+    settings = search.make_settings(str(path), engine=engine, workers=workers, study=name, seed=seed)
     start = time.perf_counter()
     summary = search.run(settings)
     seconds = time.perf_counter() - start
@@ -53,12 +53,21 @@ def study(name: str, quick: bool, *, trials: int, epochs: int, sampler="tpe", pr
     }
 
 
+# Figure 3 repeats the pruned / unpruned pair with several seeds: on 400 validation images
+# one image is 0.25 points, so a single pair cannot tell a pruner that loses the best trial
+# by chance from one that does so as a rule. Seed 3 comes first; figure 4 reuses its study.
+PRUNING_SEEDS = (3, 1, 2)
+
+
 def measure(quick: bool) -> list[Row]:
     trials, epochs = (4, 2) if quick else (10, 8)
+    seeds = PRUNING_SEEDS[:1] if quick else PRUNING_SEEDS
     out: list[Row] = []
     with scratch("search"):
-        pruned = study("pruned", quick, trials=trials, epochs=epochs)
-        full = study("unpruned", quick, trials=trials, epochs=epochs, pruner="none")
+        pairs = [(study(f"pruned-{seed}", quick, trials=trials, epochs=epochs, seed=seed),
+                  study(f"unpruned-{seed}", quick, trials=trials, epochs=epochs, pruner="none", seed=seed))
+                 for seed in seeds]
+        pruned = pairs[0][0]
         kt = study("hyperband-kt", quick, trials=trials, epochs=epochs, engine="kerastuner")
         random_trials = max(1, pruned["epochs"] // epochs)  # the same epoch budget as TPE+pruning
         rnd = study("random", quick, trials=random_trials, epochs=epochs, sampler="random", pruner="none")
@@ -66,18 +75,22 @@ def measure(quick: bool) -> list[Row]:
         two = study("workers2", quick, trials=trials, epochs=max(1, epochs // 2), pruner="none", workers=2)
 
     fig3 = "3 pruning"
-    saved = 100 * (1 - pruned["epochs"] / full["epochs"])
-    gap = 100 * (full["best"] - pruned["best"])
-    note = f"{trials} trials x up to {epochs} epochs, seed 3"
+    saved, gaps = [], []
+    for seed, (on, off) in zip(seeds, pairs, strict=True):
+        saved.append(100 * (1 - on["epochs"] / off["epochs"]))
+        gaps.append(100 * (off["best"] - on["best"]))
+        out += [
+            Row(fig3, f"seed {seed}: epochs saved by pruning", saved[-1], "%",
+                note=f"{on['epochs']} / {off['epochs']} epochs and {on['seconds']:.0f} / "
+                     f"{off['seconds']:.0f} s with / without pruning; {trials} trials x up to {epochs} epochs"),
+            Row(fig3, f"seed {seed}: accuracy given up by pruning", gaps[-1], "points",
+                note=f"best val_accuracy {on['best']:.4f} / {off['best']:.4f} with / without pruning"),
+        ]
+    label = "median over seeds " + ", ".join(map(str, seeds))
     out += [
-        Row(fig3, "epochs trained, pruning on", pruned["epochs"], "epochs", note=note),
-        Row(fig3, "epochs trained, pruning off", full["epochs"], "epochs"),
-        Row(fig3, "epochs saved by pruning", saved, "%", ">= 40%", saved >= 40),
-        Row(fig3, "wall time, pruning on", pruned["seconds"], "s"),
-        Row(fig3, "wall time, pruning off", full["seconds"], "s"),
-        Row(fig3, "best val_accuracy, pruning on", pruned["best"], ""),
-        Row(fig3, "best val_accuracy, pruning off", full["best"], ""),
-        Row(fig3, "accuracy given up by pruning", gap, "points", "<= 0.2", gap <= 0.2),
+        Row(fig3, f"epochs saved by pruning, {label}", median(saved), "%", ">= 40%", median(saved) >= 40),
+        Row(fig3, f"accuracy given up by pruning, {label}", median(gaps), "points", "<= 0.2",
+            median(gaps) <= 0.2),
     ]
     fig4 = "4 engines"
     for label, r in (("Optuna TPE + Hyperband pruning", pruned), ("KerasTuner Hyperband", kt),
