@@ -86,6 +86,24 @@ def test_tied_trials_rank_by_validation_loss(workdir):
     assert [made[r.info.run_id] for r in ranked] == ["c", "a", "b"]
 
 
+def test_ties_break_on_the_kept_model_not_the_last_epoch(workdir):
+    """With restore_best a trial keeps an earlier epoch's weights: their cross-entropy counts."""
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.create_experiment("kept")
+    parent = client.create_run(exp)
+    client.log_param(parent.info.run_id, "objective.direction", "maximize")
+    made = {}
+    for name, last_epoch, kept in (("last-epoch-better", 0.02, 0.06), ("kept-better", 0.04, 0.03)):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id,
+                                           "trial_state": "COMPLETE"})
+        client.log_metric(run.info.run_id, "objective", 0.99)
+        client.log_metric(run.info.run_id, "val_crossentropy", last_epoch)
+        client.log_metric(run.info.run_id, "val_crossentropy_final_model", kept)
+        made[run.info.run_id] = name
+    ranked = registry.ranked_trials(client, client.get_run(parent.info.run_id))
+    assert [made[r.info.run_id] for r in ranked] == ["kept-better", "last-epoch-better"]
+
+
 def test_promote_names_the_search_it_cannot_see(workdir, tiny_dir, capsys):
     """A search logged into another experiment is named, with the flag that promotes it."""
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])

@@ -44,6 +44,9 @@ def test_train_logs_a_complete_run(workdir, tiny_dir, capsys):
         assert [m.step for m in history] == [1, 2], key
     val = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert run.data.metrics["best_val_accuracy"] == pytest.approx(max(val))
+    # the kept model is the last epoch's here, so its cross-entropy is that epoch's
+    last = client.get_metric_history(run.info.run_id, "val_crossentropy")[-1].value
+    assert run.data.metrics["val_crossentropy_final_model"] == pytest.approx(last, rel=1e-3)
     assert 0 <= run.data.metrics["holdout_accuracy"] <= 1
 
     tags = run.data.tags

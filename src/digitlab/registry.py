@@ -75,9 +75,9 @@ def ranked_trials(client: MlflowClient, search_run: Run) -> list[Run]:
     """The search's completed trials, best objective first.
 
     Validation accuracy moves in steps of one image (0.25 points on the embedded data's
-    400), so the top trials often tie: the lower validation cross-entropy of the last
-    epoch breaks the tie (not val_loss, which adds each trial's own L2 penalty), the run
-    id after that.
+    400), so the top trials often tie: the lower validation cross-entropy of the model the
+    trial kept breaks the tie (not val_loss, which adds each trial's own L2 penalty), the
+    run id after that. Runs logged before that metric existed fall back to the last epoch's.
     """
     direction = search_run.data.params.get("objective.direction", "maximize")
     trials = client.search_runs(
@@ -88,8 +88,12 @@ def ranked_trials(client: MlflowClient, search_run: Run) -> list[Run]:
     )
     trials = [t for t in trials if "objective" in t.data.metrics]
     sign = -1 if direction == "maximize" else 1
-    return sorted(trials, key=lambda t: (sign * t.data.metrics["objective"],
-                                         t.data.metrics.get("val_crossentropy", math.inf), t.info.run_id))
+
+    def crossentropy(t: Run) -> float:
+        m = t.data.metrics
+        return m.get("val_crossentropy_final_model", m.get("val_crossentropy", math.inf))
+
+    return sorted(trials, key=lambda t: (sign * t.data.metrics["objective"], crossentropy(t), t.info.run_id))
 
 
 def select(client: MlflowClient, experiment_ids: list[str], search_run_id: str | None,

@@ -179,6 +179,7 @@ def log_result(result: train.Result, with_model: bool = True) -> None:
     metrics = {
         "best_val_accuracy": result.best_val_accuracy,
         "val_accuracy_final_model": result.val_accuracy,
+        "val_crossentropy_final_model": result.val_crossentropy,
         "best_epoch": result.best_epoch + 1,
         "epochs_trained": result.epochs_trained,
         "train_seconds": result.train_seconds,
