@@ -192,3 +192,17 @@ def test_an_unknown_mlflow_experiment_id_is_a_one_line_error(workdir, tiny_dir, 
     assert errors == ["digitlab: error: MLFLOW_EXPERIMENT_ID=12345: No Experiment with id=12345 exists"]
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_configure_leaves_no_experiment_id_for_the_next_store(workdir, tmp_path, monkeypatch):
+    """MLflow's set_experiment exports the id; left there, a second configure in the same
+    process, for another store, would take it for the user's choice."""
+    tracking.configure()
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert tracking.experiment_id() == mlflow.get_experiment_by_name("digit-recognizer").experiment_id
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'mlflow.db'}")
+    MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).create_experiment("first-here")  # takes id 1
+    tracking.configure()
+    assert mlflow.get_experiment(tracking.experiment_id()).name == "digit-recognizer"

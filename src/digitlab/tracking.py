@@ -33,7 +33,9 @@ def configure() -> str:
     `mlflow run` created the experiment.
 
     Under `mlflow run` (MLFLOW_RUN_ID set) the run and its experiment are already
-    chosen, and we log into them.
+    chosen, and we log into them. Otherwise MLflow's own order: the experiment named
+    in MLFLOW_EXPERIMENT_NAME, else the one whose id is in MLFLOW_EXPERIMENT_ID, else
+    `digit-recognizer`.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
@@ -41,20 +43,31 @@ def configure() -> str:
         check_server(uri)
     if os.environ.get("MLFLOW_RUN_ID"):
         return uri
-    # MLflow's own order: a name in MLFLOW_EXPERIMENT_NAME wins over an id in MLFLOW_EXPERIMENT_ID.
-    chosen_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if chosen_id and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+    if chosen_id := _chosen_experiment_id():
         try:
             mlflow.set_experiment(experiment_id=chosen_id)
         except mlflow.exceptions.MlflowException as exc:  # unknown, malformed or deleted
             raise UserError(f"MLFLOW_EXPERIMENT_ID={chosen_id}: {exc.message}") from None
         return uri
     name = experiment_name()
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
     try:
         mlflow.set_experiment(name)
     except mlflow.exceptions.MlflowException:
         mlflow.set_experiment(name)  # a parallel process created it first
+    # set_experiment also exports the id in MLFLOW_EXPERIMENT_ID; put back what was there,
+    # or a later `configure` in this process (for another store, say) or a subprocess would
+    # take the id for the user's choice.
+    if before is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = before
     return uri
+
+
+def _chosen_experiment_id() -> str | None:
+    """The id in MLFLOW_EXPERIMENT_ID, unless MLFLOW_EXPERIMENT_NAME (which wins) is set."""
+    return None if os.environ.get("MLFLOW_EXPERIMENT_NAME") else os.environ.get("MLFLOW_EXPERIMENT_ID")
 
 
 def experiment_name() -> str:
@@ -62,16 +75,12 @@ def experiment_name() -> str:
 
 
 def experiment_id() -> str | None:
-    """The experiment this command works in, None when it does not exist yet.
-
-    `mlflow run` names it in MLFLOW_EXPERIMENT_ID (its `Default` when no
-    --experiment-name was given), and so does MLflow's `set_experiment` in `configure`
-    (MLFLOW_EXPERIMENT_NAME's, else a user-set MLFLOW_EXPERIMENT_ID, else
-    `digit-recognizer`); before `configure`, the same order.
-    """
-    launched = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if launched and (os.environ.get("MLFLOW_RUN_ID") or not os.environ.get("MLFLOW_EXPERIMENT_NAME")):
+    """The experiment this command works in, None when it does not exist yet: `mlflow run`'s,
+    else chosen in the order that `configure` follows."""
+    if os.environ.get("MLFLOW_RUN_ID") and (launched := os.environ.get("MLFLOW_EXPERIMENT_ID")):
         return launched
+    if chosen_id := _chosen_experiment_id():
+        return chosen_id
     experiment = mlflow.get_experiment_by_name(experiment_name())
     return experiment.experiment_id if experiment else None
 
