@@ -90,21 +90,21 @@ class ElasticDistortion(layers.Layer):
         super().__init__(**kwargs)
         self.alpha, self.sigma, self.seed = float(alpha), float(sigma), seed
         self.generator = keras.random.SeedGenerator(seed)
+        # The Gaussian is separable: one depthwise kernel blurs along rows, one along
+        # columns, each of the two displacement fields on its own.
         radius = max(1, round(3 * self.sigma))
         taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / self.sigma) ** 2)
-        self.taps = (taps / taps.sum()).astype("float32")
+        taps = (taps / taps.sum()).astype("float32")
+        self.along_x = np.tile(taps.reshape(1, -1, 1, 1), (1, 1, 2, 1))
+        self.along_y = self.along_x.reshape(-1, 1, 2, 1)
 
     def call(self, images, training=None):
         if not training or self.alpha <= 0:
             return images
         batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
         field = keras.random.uniform((batch, height, width, 2), -1.0, 1.0, seed=self.generator)
-        # The Gaussian is separable: blur along rows, then columns, each field on its own.
-        n = len(self.taps)
-        along_x = ops.tile(ops.reshape(ops.convert_to_tensor(self.taps), (1, n, 1, 1)), (1, 1, 2, 1))
-        along_y = ops.reshape(along_x, (n, 1, 2, 1))
-        field = ops.depthwise_conv(field, along_x, padding="same")
-        field = self.alpha * ops.depthwise_conv(field, along_y, padding="same")
+        field = ops.depthwise_conv(field, self.along_x, padding="same")
+        field = self.alpha * ops.depthwise_conv(field, self.along_y, padding="same")
         rows = ops.arange(height, dtype="float32")[None, :, None] + field[..., 0]
         cols = ops.arange(width, dtype="float32")[None, None, :] + field[..., 1]
         return ops.cast(bilinear_sample(images[..., 0], rows, cols), images.dtype)[..., None]
