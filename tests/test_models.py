@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from digitlab import config, data, models, train
+from digitlab import config, data, models, runtime, train
 
 # Pinned so that an accidental architecture change fails loudly.
 PARAMETERS = {
@@ -69,6 +69,20 @@ def test_annealer_keeps_the_cuts_of_lr_reduction_on_plateau(workdir, tiny_dir):
     })
     result = train.run(cfg, data.load(tiny_dir), verbose=0)
     np.testing.assert_allclose(result.history["learning_rate"], [1e-9, 0.5e-9, 0.125e-9], rtol=1e-5)
+
+
+def test_mixed_precision_trains_in_the_policy_it_reports(workdir, tiny_dir, monkeypatch):
+    # Every CPU can run bfloat16 (only slower without AMX), so this holds on any machine.
+    monkeypatch.setattr(runtime, "mixed_policy", lambda: "mixed_bfloat16")
+    mixed = train.run(config.load_experiment(
+        "basic_cnn", {"training.epochs": 1, "training.mixed_precision": True}), data.load(tiny_dir), verbose=0)
+    assert mixed.precision == "mixed_bfloat16"
+    assert mixed.model.get_layer("conv1_1").compute_dtype == "bfloat16"
+    assert mixed.model.get_layer("conv1_1").kernel.dtype == "float32"  # the weights stay float32
+    assert mixed.model.output.dtype == "float32"
+    plain = train.run(config.load_experiment("basic_cnn", {"training.epochs": 1}), data.load(tiny_dir), verbose=0)
+    assert plain.precision == "float32"
+    assert plain.model.get_layer("conv1_1").compute_dtype == "float32"
 
 
 def test_elastic_distortion_bends_training_images_only(tiny_dir):

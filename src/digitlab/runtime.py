@@ -69,8 +69,31 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, Linux flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def mixed_policy() -> str:
+    """The policy that `training.mixed_precision` asks for on this machine.
+
+    float16 on a GPU; bfloat16 on a CPU with AMX under TensorFlow, whose oneDNN
+    kernels run bfloat16 convolutions on AMX tiles (about twice as fast as float32
+    on the default CNN); float32 elsewhere, where half precision only loses accuracy.
+    """
+    if device_name() != "CPU":
+        return "mixed_float16"
+    if backend() == "tensorflow" and cpu_has_amx_bf16():
+        return "mixed_bfloat16"
+    return "float32"
+
+
 def set_precision(mixed: bool) -> str:
-    """Mixed float16 only pays off (and is only numerically safe enough) on a GPU."""
-    policy = "mixed_float16" if mixed and device_name() != "CPU" else "float32"
+    """Set the global dtype policy; call it after `keras.backend.clear_session`, which resets it."""
+    policy = mixed_policy() if mixed else "float32"
     keras.mixed_precision.set_global_policy(policy)
     return policy

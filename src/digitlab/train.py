@@ -148,10 +148,11 @@ def run(
 ) -> Result:
     """Build, compile and fit the experiment; evaluate on validation and, if known, holdout."""
     runtime.seed_everything(config.seed)
-    precision = runtime.set_precision(config.training.mixed_precision)
     split = data_mod.split(data, config.training.validation_fraction, config.seed)
 
     keras.backend.clear_session()
+    # After clear_session, which resets the global dtype policy to float32.
+    precision = runtime.set_precision(config.training.mixed_precision)
     classifier = models.build(config)
     augment = models.augmentation(config.augmentation, config.seed)
     # Augmentation layers sit in front of the classifier only while training, so the
