@@ -1,6 +1,6 @@
 """Figure 5: the default search (`mlflow run . -e search`, no parameters) on the embedded
 data, then promote and submit; holdout accuracy of the best single model and of the
-top-3 ensemble, with and without test-time augmentation. Long: about 20 minutes on 2 cores."""
+top-3 ensemble, with and without test-time augmentation, and of the top-5 ensemble. Long: about 20 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def measure(quick: bool) -> list[Row]:
         # --min-delta 1 registers and scores the ensembles without moving the alias.
         sh(str(BIN / "digitlab"), "promote", "--ensemble", "3", "--min-delta", "1")
         sh(str(BIN / "digitlab"), "promote", "--ensemble", "3", "--tta", "--min-delta", "1")
+        sh(str(BIN / "digitlab"), "promote", "--ensemble", "5", "--min-delta", "1")
         client = MlflowClient()
         versions = {int(v.version): v for v in client.search_model_versions("name = 'digit-recognizer'")}
-        single, ensemble, tta = (float(versions[n].tags["holdout_accuracy"]) * 100 for n in (1, 2, 3))
+        single, ensemble, tta, five = (float(versions[n].tags["holdout_accuracy"]) * 100 for n in (1, 2, 3, 4))
         # What the search had to choose from: every completed trial's holdout accuracy.
         search_run = client.get_run(versions[1].tags["search_run_id"])
         completed = sorted(t.data.metrics["holdout_accuracy"] * 100
@@ -58,5 +59,6 @@ def measure(quick: bool) -> list[Row]:
         Row(fig, "holdout accuracy, completed trials: highest", completed[-1], "%"),
         Row(fig, "holdout accuracy, top-3 ensemble", ensemble, "%", ">= 99.2", ensemble >= 99.2),
         Row(fig, "holdout accuracy, top-3 ensemble + TTA", tta, "%"),
+        Row(fig, "holdout accuracy, top-5 ensemble", five, "%"),
         Row(fig, "submission written", 1.0 if "wrote" in out else 0.0, "", "valid file", "wrote" in out),
     ]
