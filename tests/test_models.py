@@ -74,13 +74,14 @@ def test_annealer_keeps_the_cuts_of_lr_reduction_on_plateau(workdir, tiny_dir):
 def test_mixed_precision_trains_in_the_policy_it_reports(workdir, tiny_dir, monkeypatch):
     # Every CPU can run bfloat16 (only slower without AMX), so this holds on any machine.
     monkeypatch.setattr(runtime, "mixed_policy", lambda: "mixed_bfloat16")
+    digits = data.load(tiny_dir)
     mixed = train.run(config.load_experiment(
-        "basic_cnn", {"training.epochs": 1, "training.mixed_precision": True}), data.load(tiny_dir), verbose=0)
+        "basic_cnn", {"training.epochs": 1, "training.mixed_precision": True}), digits, verbose=0)
     assert mixed.precision == "mixed_bfloat16"
     assert mixed.model.get_layer("conv1_1").compute_dtype == "bfloat16"
     assert mixed.model.get_layer("conv1_1").kernel.dtype == "float32"  # the weights stay float32
     assert mixed.model.output.dtype == "float32"
-    plain = train.run(config.load_experiment("basic_cnn", {"training.epochs": 1}), data.load(tiny_dir), verbose=0)
+    plain = train.run(config.load_experiment("basic_cnn", {"training.epochs": 1}), digits, verbose=0)
     assert plain.precision == "float32"
     assert plain.model.get_layer("conv1_1").compute_dtype == "float32"
 

@@ -6,6 +6,7 @@ training stay on Keras 3 APIs.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import keras
@@ -69,6 +70,7 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+@functools.cache  # asked once per training run; the CPU does not change
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, Linux flags)."""
     try:
