@@ -86,6 +86,17 @@ def test_mixed_precision_trains_in_the_policy_it_reports(workdir, tiny_dir, monk
     assert plain.model.get_layer("conv1_1").compute_dtype == "float32"
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse2 avx512f amx_bf16 amx_tile", True),  # Intel Sapphire Rapids
+    ("fpu sse2 avx512f avx512_bf16 avx512_vnni", True),  # AMD Zen 4
+    ("fpu sse2 avx2 avx512f avx512_vnni", False),  # bfloat16 only in software
+])
+def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\n")
+    assert runtime.cpu_has_bf16(str(cpuinfo)) is expected
+
+
 def test_elastic_distortion_bends_training_images_only(tiny_dir):
     images = data.load(tiny_dir).train_images[:16]
     layer = models.ElasticDistortion(alpha=34.0, sigma=4.0, seed=3)
