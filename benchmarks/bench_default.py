@@ -1,6 +1,7 @@
 """Figure 5: the default search (`mlflow run . -e search`, no parameters) on the embedded
 data, then promote and submit; holdout accuracy of the best single model and of the
-top-3 ensemble, with and without test-time augmentation, and of the top-5 ensemble. Long: about 20 minutes on 2 cores."""
+top-3 ensemble, with and without test-time augmentation, and of the top-5 ensemble.
+Long: about 20 minutes on 2 cores (the default study's time budget)."""
 
 from __future__ import annotations
 
@@ -39,25 +40,37 @@ def measure(quick: bool) -> list[Row]:
            "--experiment-name", "digit-recognizer")
         minutes = (time.perf_counter() - start) / 60
         sh(str(BIN / "digitlab"), "promote", "--force")
-        # --min-delta 1 registers and scores the ensembles (versions 2, 3, 4) without moving the alias.
-        for ensemble in (["3"], ["3", "--tta"], ["5"]):
-            sh(str(BIN / "digitlab"), "promote", "--ensemble", *ensemble, "--min-delta", "1")
         client = MlflowClient()
-        versions = {int(v.version): v for v in client.search_model_versions("name = 'digit-recognizer'")}
-        single, ensemble, tta, five = (float(versions[n].tags["holdout_accuracy"]) * 100 for n in (1, 2, 3, 4))
+        single_version = client.get_model_version("digit-recognizer", "1")
         # What the search had to choose from: every completed trial's holdout accuracy.
-        search_run = client.get_run(versions[1].tags["search_run_id"])
+        search_run = client.get_run(single_version.tags["search_run_id"])
         completed = sorted(t.data.metrics["holdout_accuracy"] * 100
                            for t in registry.ranked_trials(client, search_run))
+        started = sum(int(v) for k, v in search_run.data.metrics.items() if k.startswith("trials_"))
+        # --min-delta 1 registers and scores each ensemble (versions 2, 3, ...) without moving
+        # the alias; a slow machine may complete fewer than five trials in the time budget.
+        scores = {}
+        for name, size, tta in (("top-3 ensemble", 3, False), ("top-3 ensemble + TTA", 3, True),
+                                ("top-5 ensemble", 5, False)):
+            if size <= len(completed):
+                sh(str(BIN / "digitlab"), "promote", "--ensemble", str(size), *(["--tta"] if tta else []),
+                   "--min-delta", "1")
+                latest = max(client.search_model_versions("name = 'digit-recognizer'"),
+                             key=lambda v: int(v.version))
+                scores[name] = float(latest.tags["holdout_accuracy"]) * 100
+        single = float(single_version.tags["holdout_accuracy"]) * 100
         out = sh(str(BIN / "digitlab"), "submit")
+    ensemble = scores.get("top-3 ensemble")
     return [
-        Row(fig, "default search wall time", minutes, "min", "about 20", minutes <= 25),
+        Row(fig, "default search wall time", minutes, "min", "about 20", minutes <= 25,
+            note=f"{started} trials run, {len(completed)} completed"),
         Row(fig, "holdout accuracy, best single model", single, "%", ">= 99.0", single >= 99.0),
-        Row(fig, "holdout accuracy, completed trials: median", float(np.median(completed)), "%",
-            note=f"{len(completed)} completed trials"),
+        Row(fig, "holdout accuracy, completed trials: median", float(np.median(completed)), "%"),
         Row(fig, "holdout accuracy, completed trials: highest", completed[-1], "%"),
-        Row(fig, "holdout accuracy, top-3 ensemble", ensemble, "%", ">= 99.2", ensemble >= 99.2),
-        Row(fig, "holdout accuracy, top-3 ensemble + TTA", tta, "%"),
-        Row(fig, "holdout accuracy, top-5 ensemble", five, "%"),
+        Row(fig, "holdout accuracy, top-3 ensemble", ensemble, "%", ">= 99.2",
+            ensemble is not None and ensemble >= 99.2,
+            note="" if ensemble is not None else "fewer than 3 completed trials"),
+        *(Row(fig, f"holdout accuracy, {name}", score, "%")
+          for name, score in scores.items() if name != "top-3 ensemble"),
         Row(fig, "submission written", 1.0 if "wrote" in out else 0.0, "", "valid file", "wrote" in out),
     ]

@@ -102,6 +102,28 @@ def test_budget_is_a_total_and_resume_continues_the_parent(space_file, tiny_dir)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
 
 
+@pytest.mark.parametrize("engine", ["optuna", "kerastuner"])
+def test_time_budget_stops_starting_trials_and_the_same_command_goes_on(
+        space_file, tiny_dir, capsys, engine):
+    # 0.0001 minutes are over before the first trial ends: each call runs exactly one.
+    args = search_args(space_file, tiny_dir, "--engine", engine, "--minutes", "0.0001")
+    assert cli.main(args) == 0
+    assert "time budget of 0.0001 minutes used up before all 3 trials" in capsys.readouterr().out
+    (parent,), children = split_runs()
+    assert len(children) == 1
+    assert parent.data.params["budget.minutes"] == "0.0001"
+    assert parent.info.status == "FINISHED"
+    assert cli.main(args) == 0
+    (again,), children = split_runs()
+    assert again.info.run_id == parent.info.run_id and len(children) == 2
+    assert all(c.data.tags["trial_state"] == "COMPLETE" for c in children)
+    capsys.readouterr()
+    # Without a time budget the study runs to its trial budget.
+    assert cli.main(search_args(space_file, tiny_dir, "--engine", engine)) == 0
+    assert "time budget" not in capsys.readouterr().out
+    assert len(split_runs()[1]) == 3
+
+
 def test_resuming_with_another_space_or_direction_is_an_error(space_file, tiny_dir, workdir, capsys):
     assert cli.main(search_args(space_file, tiny_dir, "--trials", "1", "--study", "s")) == 0
     other = workdir / "other.yaml"

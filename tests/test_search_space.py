@@ -64,6 +64,8 @@ def test_several_experiments_make_the_architecture_a_parameter(workdir):
         (("direction: maximize", "direction: up"), "objective.direction must be"),
         (("metric: val_accuracy", "metric: f1"), "objective.metric must be one of"),
         (("trials: 3", "trials: 0"), "budget.trials must be a positive integer"),
+        (("trials: 3", "trials: 3, minutes: 0"), "budget.minutes must be a positive number"),
+        (("trials: 3", "trials: 3, minutes: soon"), "budget.minutes must be a positive number"),
         (("max_epochs: 2", "max_epochs: 2}\noptuna: {min_epochs: 3"),
          "optuna.min_epochs must be an integer from 1 to budget.max_epochs"),
         (("[basic_cnn]", "[no_such_model]"), "experiment 'no_such_model' not found"),

@@ -76,7 +76,7 @@ def cmd_search(args) -> int:
 
     settings = search.make_settings(
         args.space, engine=args.engine, trials=args.trials, max_epochs=args.max_epochs,
-        workers=args.workers, storage=args.storage or None, study=args.study or None,
+        minutes=args.minutes, workers=args.workers, storage=args.storage or None, study=args.study or None,
         data_dir=args.data_dir, seed=args.seed,
     )
     summary = search.run(settings)
@@ -85,6 +85,9 @@ def cmd_search(args) -> int:
     best = summary["best"]
     states = ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items()))
     print(f"\nstudy {summary['study']}: {states}")
+    if summary["out_of_time"]:
+        print(f"time budget of {settings.space.minutes:g} minutes used up before all "
+              f"{settings.trials} trials; the same command goes on with the study")
     if best:
         print(f"best trial {best['number']}: {settings.space.metric} {best['value']:.4f} "
               f"(MLflow run {best['run_id']})")
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="optuna", help="optuna or kerastuner")
     p.add_argument("--trials", type=int, default=0, help="trial budget in total (0: the file's)")
     p.add_argument("--max-epochs", type=int, default=0, help="epochs per trial at most (0: the file's)")
+    p.add_argument("--minutes", type=float, default=0,
+                   help="start no trial after this many minutes (0: the file's budget.minutes, if any)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
     p.add_argument("--storage", default="",
                    help="Optuna storage: a journal file (default optuna.journal) or an RDB URL; "

@@ -25,7 +25,7 @@ from digitlab.search.space import SearchSpace, load
 
 
 def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
-                  max_epochs: int | None = None, workers: int = 1, storage: str | None = None,
+                  max_epochs: int | None = None, minutes: float | None = None, workers: int = 1, storage: str | None = None,
                   study: str | None = None, data_dir: str | None = None, seed: int = 42) -> Settings:
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
@@ -39,9 +39,11 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
         budget["trials"] = trials
     if max_epochs:
         budget["max_epochs"] = max_epochs
+    if minutes:
+        budget["minutes"] = minutes
     space = dataclasses.replace(space, **budget)
-    if space.trials < 1 or space.max_epochs < 1:
-        raise UserError("--trials and --max-epochs must be positive")
+    if space.trials < 1 or space.max_epochs < 1 or (space.minutes is not None and space.minutes <= 0):
+        raise UserError("--trials, --max-epochs and --minutes must be positive")
     return Settings(space=space, engine=engine, study=study or f"{space.name}-{engine}",
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed)
 
@@ -108,7 +110,14 @@ class Progress:
 
 
 def run(settings: Settings) -> dict:
-    """Run (or resume) the study to its budget; returns the summary."""
+    """Run (or resume) the study to its budget; returns the summary.
+
+    With `budget.minutes`, no trial starts once that many minutes have passed since
+    this call began (every worker still runs one); the study stays open, and the
+    same command goes on with it for as many minutes again.
+    """
+    if settings.space.minutes:
+        settings = dataclasses.replace(settings, deadline=time.time() + 60 * settings.space.minutes)
     dataset = data_mod.load(settings.data_dir)
     tracking.configure()  # an unreachable tracking server stops us before the study exists
     engine = _engine(settings)
@@ -140,7 +149,8 @@ def run(settings: Settings) -> dict:
         progress.close()
         rows = engine.rows()
         summary = report.finish(settings, parent_run_id, rows, status=status)
-    summary.update(parent_run_id=parent_run_id, study=settings.study, rows=rows)
+    summary.update(parent_run_id=parent_run_id, study=settings.study, rows=rows,
+                   out_of_time=settings.out_of_time() and engine.finished() < settings.trials)
     return summary
 
 

@@ -21,6 +21,10 @@ from digitlab.search.settings import Settings
 DEFAULT_DIRECTORY = "kerastuner"
 
 
+class OutOfTime(Exception):
+    """Raised between trials to end `tuner.search()` when budget.minutes have passed."""
+
+
 def _hyperparameters(settings: Settings):
     import keras_tuner as kt
 
@@ -76,10 +80,17 @@ class KerasTunerEngine:
             def run_trial(self, trial, *args, **kwargs):
                 return engine._run(trial)
 
+            def pre_create_trial(self):
+                # The time budget: checked before each trial after the first, so a
+                # search always makes progress.
+                if engine.ran_a_trial and engine.settings.out_of_time():
+                    raise OutOfTime
+
         # overwrite=False: an existing project is reloaded, which is how a study resumes.
         self.tuner = Tuner(oracle=_oracle(settings), directory=str(self.directory),
                            project_name=settings.study, overwrite=False)
         self.data = self.parent = self.experiment_id = None
+        self.ran_a_trial = False
 
     def lock(self):
         return contextlib.nullcontext()  # one process per KerasTuner study
@@ -130,12 +141,15 @@ class KerasTunerEngine:
         self.data, self.parent, self.experiment_id = data, parent_run_id, experiment_id
         try:
             self.tuner.search()
+        except OutOfTime:
+            return
         except RuntimeError as exc:
             if "consecutive failures" in str(exc).lower():
                 raise SearchFailed(f"{exc} (kerastuner); stopping the search") from None
             raise
 
     def _run(self, trial) -> dict[str, float]:
+        self.ran_a_trial = True
         space = self.settings.space
         values = {p.key: trial.hyperparameters.get(p.key) for p in space.params}
         epochs = trial.hyperparameters.values.get("tuner/epochs")

@@ -318,6 +318,8 @@ class OptunaEngine:
                         f"{failures_in_a_row} trials failed in a row (last: {outcome.error}); "
                         "stopping the search"
                     )
+            if self.settings.out_of_time():
+                return
 
     def rows(self) -> list[dict]:
         rows = []

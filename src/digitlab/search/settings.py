@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from digitlab.search.space import SearchSpace
@@ -18,6 +19,11 @@ class Settings:
     workers: int
     data_dir: str | None
     seed: int
+    # time.time() after which no trial starts; set when the search starts (budget.minutes)
+    deadline: float | None = None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
 
     @property
     def trials(self) -> int:

@@ -46,6 +46,8 @@ class SearchSpace:
     direction: str = "maximize"
     trials: int = 10
     max_epochs: int = 10
+    # wall-clock minutes per `digitlab search` invocation; no trial starts after them
+    minutes: float | None = None
     sampler: str = "tpe"
     pruner: str = "hyperband"
     min_epochs: int = 1  # epochs every Optuna trial trains before it can be pruned
@@ -174,6 +176,7 @@ def load(path: str | Path) -> SearchSpace:
         direction=objective.get("direction", "maximize"),
         trials=budget.get("trials", 10),
         max_epochs=budget.get("max_epochs", 10),
+        minutes=budget.get("minutes"),
         sampler=optuna_opts.get("sampler", "tpe"),
         pruner=optuna_opts.get("pruner", "hyperband"),
         min_epochs=optuna_opts.get("min_epochs", 1),
@@ -195,6 +198,9 @@ def _check(s: SearchSpace) -> None:
         (isinstance(s.trials, int) and s.trials >= 1, "budget.trials must be a positive integer"),
         (isinstance(s.max_epochs, int) and s.max_epochs >= 1,
          "budget.max_epochs must be a positive integer"),
+        (s.minutes is None or (isinstance(s.minutes, (int, float)) and not isinstance(s.minutes, bool)
+                               and s.minutes > 0),
+         "budget.minutes must be a positive number"),
         (s.sampler in OPTUNA_SAMPLERS, f"optuna.sampler must be one of {', '.join(OPTUNA_SAMPLERS)}"),
         (s.pruner in OPTUNA_PRUNERS, f"optuna.pruner must be one of {', '.join(OPTUNA_PRUNERS)}"),
         (isinstance(s.min_epochs, int) and 1 <= s.min_epochs <= s.max_epochs,
