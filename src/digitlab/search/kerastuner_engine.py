@@ -80,17 +80,16 @@ class KerasTunerEngine:
             def run_trial(self, trial, *args, **kwargs):
                 return engine._run(trial)
 
-            def pre_create_trial(self):
-                # The time budget: checked before each trial after the first, so a
-                # search always makes progress.
-                if engine.ran_a_trial and engine.settings.out_of_time():
+            def on_trial_end(self, trial):
+                super().on_trial_end(trial)  # records and saves the trial first
+                # The time budget, checked after each trial as the Optuna engine does.
+                if engine.settings.out_of_time():
                     raise OutOfTime
 
         # overwrite=False: an existing project is reloaded, which is how a study resumes.
         self.tuner = Tuner(oracle=_oracle(settings), directory=str(self.directory),
                            project_name=settings.study, overwrite=False)
         self.data = self.parent = self.experiment_id = None
-        self.ran_a_trial = False
 
     def lock(self):
         return contextlib.nullcontext()  # one process per KerasTuner study
@@ -149,7 +148,6 @@ class KerasTunerEngine:
             raise
 
     def _run(self, trial) -> dict[str, float]:
-        self.ran_a_trial = True
         space = self.settings.space
         values = {p.key: trial.hyperparameters.get(p.key) for p in space.params}
         epochs = trial.hyperparameters.values.get("tuner/epochs")
