@@ -58,6 +58,37 @@ def test_each_experiment_trains_one_epoch(name, workdir, tiny_dir):
     assert result.holdout_accuracy is not None
 
 
+def test_training_batches_give_every_image_once_per_epoch_in_a_new_order(tiny_dir):
+    split = data.split(data.load(tiny_dir), 0.1, seed=3)
+    n, batch = len(split.train_labels), 64
+    # Each image's index, written into its first pixel, tells the passes apart.
+    split.train_images[:, 0, 0, 0] = np.arange(n)
+
+    def passes(seed: int) -> list[np.ndarray]:
+        args = train.training_batches(split, batch, seed)
+        if runtime.backend() != "tensorflow":
+            pytest.skip("arrays go to fit as they are on other backends")
+        steps = args["steps_per_epoch"]
+        assert steps == -(-n // batch)
+        stream = iter(args["x"])
+        out = []
+        for _ in range(2):
+            labels, index = [], []
+            for _ in range(steps):
+                images, y = next(stream)
+                index.append(images.numpy()[:, 0, 0, 0].astype(int))
+                labels.append(y.numpy())
+            index = np.concatenate(index)
+            np.testing.assert_array_equal(np.concatenate(labels), split.train_labels[index])
+            assert sorted(index) == list(range(n))  # one pass: each image once
+            out.append(index)
+        assert not np.array_equal(out[0], out[1])  # reshuffled every pass
+        return out
+
+    first = passes(5)
+    assert all(np.array_equal(a, b) for a, b in zip(first, passes(5), strict=True))  # same seed, same order
+
+
 def test_annealer_keeps_the_cuts_of_lr_reduction_on_plateau(workdir, tiny_dir):
     # A learning rate too small to move the weights keeps val_accuracy flat, so the
     # plateau rule halves the rate after the second epoch; the annealer then halves

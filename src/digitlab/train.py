@@ -166,13 +166,10 @@ def run(
     recorder = EpochRecorder()
     started = time.perf_counter()
     trainable.fit(
-        split.train_images,
-        split.train_labels,
-        batch_size=config.training.batch_size,
+        **training_batches(split, config.training.batch_size, config.seed),
         epochs=config.training.epochs,
         validation_data=(split.val_images, split.val_labels),
         callbacks=[recorder, *(callbacks or []), *recipe_callbacks(config)],
-        shuffle=True,
         verbose=verbose,
     )
     train_seconds = time.perf_counter() - started
@@ -194,6 +191,30 @@ def run(
         precision=precision,
         diverged=recorder.diverged,
     )
+
+
+def training_batches(split: Split, batch_size: int, seed: int) -> dict:
+    """`fit` arguments for the training images: every epoch one pass in a new random order.
+
+    On TensorFlow this is one endless tf.data stream read `steps_per_epoch` batches at a
+    time. Given arrays, Keras builds a new iterator every epoch, and on 2 CPU cores
+    about every other epoch stalled 2.3 s before its first batch: 2.7 s epochs took
+    5 s. (Shuffling indices and gathering the images instead stalled once, about
+    17 s, when the stream was torn down at the end of `fit`.)
+    """
+    if runtime.backend() != "tensorflow":
+        return dict(x=split.train_images, y=split.train_labels, batch_size=batch_size, shuffle=True)
+    import tensorflow as tf
+
+    n = len(split.train_labels)
+    batches = (
+        tf.data.Dataset.from_tensor_slices((split.train_images, split.train_labels))
+        .shuffle(n, seed=seed)  # a full shuffle, redrawn every pass
+        .batch(batch_size)
+        .repeat()
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return dict(x=batches, steps_per_epoch=math.ceil(n / batch_size), shuffle=False)  # shuffled above
 
 
 def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
