@@ -124,6 +124,22 @@ def test_time_budget_stops_starting_trials_and_the_same_command_goes_on(
     assert len(split_runs()[1]) == 3
 
 
+@pytest.mark.parametrize("engine", ["optuna", "kerastuner"])
+def test_a_new_study_starts_from_the_start_values(workdir, tiny_dir, engine):
+    path = workdir / "start.yaml"
+    path.write_text(SPACE.replace("tuner: random", "tuner: hyperband") + "start: {model.dropout: 0.25}\n")
+    assert cli.main(search_args(path, tiny_dir, "--engine", engine, "--trials", "1")) == 0
+    # resumed: the start values are not tried again
+    assert cli.main(search_args(path, tiny_dir, "--engine", engine, "--trials", "3")) == 0
+    _, children = split_runs()
+    trials = {int(c.data.tags["trial_number"]): c.data.params for c in children}
+    assert sorted(trials) == [0, 1, 2]
+    assert float(trials[0]["sampled.model.dropout"]) == 0.25
+    assert all(float(trials[n]["sampled.model.dropout"]) != 0.25 for n in (1, 2))
+    # a key that start does not give is drawn as usual
+    assert 1e-3 <= float(trials[0]["sampled.optimizer.learning_rate"]) <= 1e-2
+
+
 def test_resuming_with_another_space_or_direction_is_an_error(space_file, tiny_dir, workdir, capsys):
     assert cli.main(search_args(space_file, tiny_dir, "--trials", "1", "--study", "s")) == 0
     other = workdir / "other.yaml"

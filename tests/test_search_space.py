@@ -68,6 +68,11 @@ def test_several_experiments_make_the_architecture_a_parameter(workdir):
         (("trials: 3", "trials: 3, minutes: soon"), "budget.minutes must be a positive number"),
         (("max_epochs: 2", "max_epochs: 2}\noptuna: {min_epochs: 3"),
          "optuna.min_epochs must be an integer from 1 to budget.max_epochs"),
+        (("space:", "start: {model.l2: 0.001}\nspace:"), "start.model.l2 is not a parameter of the space"),
+        (("space:", "start: {model.dropout: 0.6}\nspace:"), "start.model.dropout = 0.6 is not a value of"),
+        (("space:", "start: {model.width: 0.6}\nspace:"), "start.model.width = 0.6 is not a value of"),
+        (("space:", "start: {augmentation.enabled: maybe}\nspace:"), "start.augmentation.enabled = 'maybe'"),
+        (("space:", "start: [0.3]\nspace:"), "start must be a mapping"),
         (("[basic_cnn]", "[no_such_model]"), "experiment 'no_such_model' not found"),
     ],
 )
@@ -76,6 +81,13 @@ def test_malformed_spaces_are_clear_errors(workdir, edit, message):
     assert old in BASE
     with pytest.raises(ConfigError, match=message):
         space.load(write(workdir, BASE.replace(old, new, 1)))
+
+
+def test_start_values_load_and_leave_the_fingerprint_alone(workdir):
+    start = "start: {model.dropout: 0.3, model.width: 1.25, model.blocks.0.filters: [32, 64]}\n"
+    s = space.load(write(workdir, BASE + start))
+    assert s.start == {"model.dropout": 0.3, "model.width": 1.25, "model.blocks.0.filters": [32, 64]}
+    assert s.fingerprint() == space.load(write(workdir, BASE, "plain.yaml")).fingerprint()
 
 
 def test_fingerprint_ignores_the_budget_but_not_the_space(workdir):

@@ -54,13 +54,31 @@ def _oracle(settings: Settings):
     )
     if space.tuner == "hyperband":
         # Many brackets, so that the trial budget below, not Hyperband, ends the search.
-        oracle = kt.oracles.HyperbandOracle(max_epochs=settings.max_epochs, factor=3,
-                                            hyperband_iterations=1000, **common)
+        oracle = _starting(kt.oracles.HyperbandOracle, space.start)(
+            max_epochs=settings.max_epochs, factor=3, hyperband_iterations=1000, **common)
         oracle.max_trials = settings.trials
         return oracle
     if space.tuner == "bayesian":
-        return kt.oracles.BayesianOptimizationOracle(max_trials=settings.trials, **common)
-    return kt.oracles.RandomSearchOracle(max_trials=settings.trials, **common)
+        return _starting(kt.oracles.BayesianOptimizationOracle, space.start)(
+            max_trials=settings.trials, **common)
+    return _starting(kt.oracles.RandomSearchOracle, space.start)(max_trials=settings.trials, **common)
+
+
+def _starting(oracle_class, start: dict[str, Any]):
+    """The oracle, drawing the space's start values for the first trial of a new study.
+
+    Every KerasTuner oracle draws a new trial's values in `_random_values` (Hyperband
+    for a bracket's first round, Bayesian for its initial points), so the start
+    values go in there; keys that start does not give stay random.
+    """
+    class Starting(oracle_class):
+        def _random_values(self):
+            values = super()._random_values()
+            if start and values is not None and not self.trials:  # no trial yet: a new study
+                values.update({k: trial_mod.encode(v) for k, v in start.items()})
+            return values
+
+    return Starting
 
 
 class KerasTunerEngine:

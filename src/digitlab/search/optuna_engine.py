@@ -162,6 +162,9 @@ class OptunaEngine:
             self.study.set_user_attr("space_fingerprint", space.fingerprint())
             self.study.set_user_attr("space_path", space.path)
             self.study.set_user_attr("engine", self.name)
+            if space.start:  # the first trial of a new study; TPE samples any key not given
+                self.study.enqueue_trial({k: trial_mod.encode(v) for k, v in space.start.items()},
+                                         skip_if_exists=True)
             return
         if self.study.direction.name.lower() != space.direction:
             raise UserError(

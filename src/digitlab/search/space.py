@@ -2,7 +2,8 @@
 
 A file names the experiment(s), the objective, the budget, engine options and
 the space: dotted config keys mapped to int, float (optionally log) or
-categorical ranges. With several experiments, the architecture itself is a
+categorical ranges, and optionally where to start: values for the first trial
+of a new study. With several experiments, the architecture itself is a
 categorical parameter named `experiment`. Everything is checked here, before
 any run or study exists.
 """
@@ -55,6 +56,10 @@ class SearchSpace:
     max_consecutive_failures: int = 3
     fixed: dict = field(default_factory=dict)  # overrides applied to every trial
     params: tuple[Param, ...] = ()
+    # Values for the first trial of a new study (e.g. a known-good recipe), so a short
+    # search starts from it instead of from a random draw; the engine samples the rest.
+    # Not part of the fingerprint: it only matters when the study is created.
+    start: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -126,6 +131,20 @@ def _param(key: str, spec: Any, where: str) -> Param:
     return Param(key, kind, low=low, high=high, log=log, step=step)
 
 
+def _contains(p: Param, value: Any) -> bool:
+    """Whether the engines could draw `value` from the range (used for start values)."""
+    if p.kind == "categorical":
+        return value in p.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if p.kind == "int" and not float(value).is_integer():
+        return False
+    if not p.low <= value <= p.high:
+        return False
+    steps = (value - p.low) / p.step if p.step else 0.0
+    return abs(steps - round(steps)) < 1e-9
+
+
 def _samples(p: Param) -> list[Any]:
     """Values at the edges of a range, used to check that the config accepts them."""
     if p.kind == "categorical":
@@ -142,7 +161,7 @@ def load(path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: search-space file not found (available: {known})")
     raw = config_mod.read_mapping(path)
     known_sections = {"description", "experiments", "experiment", "objective", "budget", "optuna",
-                      "kerastuner", "fixed", "space", "max_consecutive_failures"}
+                      "kerastuner", "fixed", "space", "start", "max_consecutive_failures"}
     unknown = sorted(set(raw) - known_sections)
     if unknown:
         raise ConfigError(f"{path}: unknown section {unknown[0]!r}")
@@ -158,8 +177,9 @@ def load(path: str | Path) -> SearchSpace:
     kt_opts = raw.get("kerastuner") or {}
     fixed = raw.get("fixed") or {}
     space = raw.get("space") or {}
+    start = raw.get("start") or {}
     for name, section in (("objective", objective), ("budget", budget), ("optuna", optuna_opts),
-                          ("kerastuner", kt_opts), ("fixed", fixed), ("space", space)):
+                          ("kerastuner", kt_opts), ("fixed", fixed), ("space", space), ("start", start)):
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {name} must be a mapping")
 
@@ -184,6 +204,7 @@ def load(path: str | Path) -> SearchSpace:
         max_consecutive_failures=raw.get("max_consecutive_failures", 3),
         fixed=dict(fixed),
         params=tuple(params),
+        start=dict(start),
     )
     _check(result)
     return result
@@ -212,6 +233,12 @@ def _check(s: SearchSpace) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{p}: {message}")
+    params = {param.key: param for param in s.params}
+    for key, value in s.start.items():
+        if key not in params:
+            raise ConfigError(f"{p}: start.{key} is not a parameter of the space")
+        if not _contains(params[key], value):
+            raise ConfigError(f"{p}: start.{key} = {value!r} is not a value of space.{key}")
     # Every key must exist in every experiment and accept both ends of its range.
     for experiment in s.experiments:
         base = config_mod.load_experiment(experiment, s.fixed)
