@@ -89,6 +89,19 @@ def test_training_batches_give_every_image_once_per_epoch_in_a_new_order(tiny_di
     assert all(np.array_equal(a, b) for a, b in zip(first, passes(5), strict=True))  # same seed, same order
 
 
+def test_split_seed_picks_the_validation_images_and_seed_the_rest(workdir, tiny_dir):
+    dataset = data.load(tiny_dir)
+    runs = {}
+    for seed, split_seed in ((5, 3), (6, 3), (3, None)):
+        cfg = config.load_experiment("dnn", {"training.epochs": 1, "seed": seed,
+                                             "training.split_seed": split_seed})
+        runs[seed] = train.run(cfg, dataset, verbose=0)
+        expected = data.split(dataset, cfg.training.validation_fraction, 3)
+        np.testing.assert_array_equal(runs[seed].split.val_images, expected.val_images)
+    # the same images, but other initial weights: other predictions
+    assert not np.allclose(runs[5].val_probabilities, runs[6].val_probabilities)
+
+
 def test_annealer_keeps_the_cuts_of_lr_reduction_on_plateau(workdir, tiny_dir):
     # A learning rate too small to move the weights keeps val_accuracy flat, so the
     # plateau rule halves the rate after the second epoch; the annealer then halves

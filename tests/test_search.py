@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from digitlab import cli
@@ -161,8 +162,10 @@ def test_same_seed_samples_the_same_parameters_in_order(space_file, tiny_dir):
     b = [t.params for t in optuna.load_study(study_name="b", storage=storage).trials]
     assert a == b and len(a) == 3
     _, children = split_runs()
-    config = mlflow.artifacts.load_text(f"runs:/{children[0].info.run_id}/config.yaml")
-    assert "seed: 7" in config
+    for child in children:  # each trial its own seed, all scored on the study seed's split
+        config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{child.info.run_id}/config.yaml"))
+        assert config["seed"] == 7 + int(child.data.tags["trial_number"])
+        assert config["training"]["split_seed"] == 7
     assert children[0].data.tags["data_digest"] and children[0].data.tags["version.keras"]
 
 

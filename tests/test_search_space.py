@@ -47,8 +47,9 @@ def test_several_experiments_make_the_architecture_a_parameter(workdir):
     s = space.load(write(workdir, BASE.replace("[basic_cnn]", "[basic_cnn, kaggle_cnn]")))
     assert s.params[0].key == "experiment"
     assert s.params[0].choices == ("basic_cnn", "kaggle_cnn")
-    cfg = s.trial_config({"experiment": "kaggle_cnn", "model.dropout": 0.2}, seed=1)
-    assert cfg.name == "kaggle_cnn" and cfg.model.dropout == 0.2 and cfg.seed == 1
+    cfg = s.trial_config({"experiment": "kaggle_cnn", "model.dropout": 0.2}, seed=1, number=4)
+    assert cfg.name == "kaggle_cnn" and cfg.model.dropout == 0.2
+    assert (cfg.seed, cfg.split_seed) == (5, 1)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,9 @@ class TrainingConfig:
     epochs: int = 10
     batch_size: int = 64
     validation_fraction: float = 0.1
+    # seed of the train/validation split; null: the run's seed (a search fixes it, so that
+    # trials with their own seeds are still scored on the same images)
+    split_seed: int | None = None
     # learning-rate annealer: the rate is multiplied by lr_decay after every epoch (1.0 = off)
     lr_decay: float = 1.0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
@@ -102,6 +105,10 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    @property
+    def split_seed(self) -> int:
+        return self.seed if self.training.split_seed is None else self.training.split_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

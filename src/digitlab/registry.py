@@ -143,7 +143,9 @@ def predict_labels(model, rows: pd.DataFrame, batch_size: int) -> np.ndarray:
 def evaluate(model, members: list[Run], dataset: data_mod.DigitData, batch_size: int) -> dict:
     """Validation accuracy on the members' own split, holdout accuracy when labels exist."""
     params = members[0].data.params
-    split = data_mod.split(dataset, float(params["training.validation_fraction"]), int(params["seed"]))
+    split_seed = params.get("training.split_seed", "None")  # runs logged before it existed lack it
+    seed = int(params["seed"] if split_seed == "None" else split_seed)
+    split = data_mod.split(dataset, float(params["training.validation_fraction"]), seed)
     metrics = {"val_accuracy": float(np.mean(
         predict_labels(model, to_rows(split.val_images), batch_size) == split.val_labels))}
     if dataset.test_labels is not None:

@@ -148,7 +148,7 @@ def run(
 ) -> Result:
     """Build, compile and fit the experiment; evaluate on validation and, if known, holdout."""
     runtime.seed_everything(config.seed)
-    split = data_mod.split(data, config.training.validation_fraction, config.seed)
+    split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
 
     keras.backend.clear_session()
     # After clear_session, which resets the global dtype policy to float32.

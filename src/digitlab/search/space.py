@@ -86,11 +86,19 @@ class SearchSpace:
         overrides = {**self.fixed, **values, "training.epochs": self.max_epochs}
         return experiment, overrides
 
-    def trial_config(self, values: dict[str, Any], seed: int, epochs: int | None = None):
+    def trial_config(self, values: dict[str, Any], seed: int, number: int = 0,
+                     epochs: int | None = None):
+        """Trial `number` of a study with `seed`: every trial is scored on the study seed's
+        validation split, and trains from its own seed (seed + number): its own initial
+        weights, batch order and augmentation. Models that differ only in hyperparameters
+        make the same mistakes: in the default study, the top-3 ensemble of same-seed
+        trials scored their median (98.8%), that of own-seed trials 99.0% against a
+        median of 98.85% (README, Performance)."""
         experiment, overrides = self.overrides(values)
         if epochs is not None:
             overrides["training.epochs"] = epochs
-        overrides["seed"] = seed
+        overrides["seed"] = seed + number
+        overrides["training.split_seed"] = seed
         return config_mod.load_experiment(experiment, overrides)
 
 

@@ -89,7 +89,7 @@ def run_trial(
     verbose: int | str = 2,
 ) -> Outcome:
     values = {k: decode(v) for k, v in values.items()}
-    config = space.trial_config(values, seed, epochs)
+    config = space.trial_config(values, seed, number, epochs)
     tags = {"trial_number": number, "engine": engine, "trial_state": "RUNNING"}
     with tracking.run(f"trial-{number}", tags=tags, parent_run_id=parent_run_id,
                       experiment_id=experiment_id) as handle:
