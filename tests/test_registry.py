@@ -176,13 +176,13 @@ def test_gate_force_and_rollback(store, tiny_dir, capsys):
     assert str(production().version) == "1"
     capsys.readouterr()
     # a candidate that is not better by more than min-delta leaves the aliases alone
-    assert promote(tiny_dir, "--run", best.info.run_id, "--min-delta", "0.5") == 0
+    assert promote(tiny_dir, "--run", best.info.run_id, "--min-delta", "1") == 0  # beyond any gap
     assert "does not beat production version 1" in capsys.readouterr().out
     assert str(production().version) == "1"
     with pytest.raises(mlflow.exceptions.MlflowException):
         MlflowClient().get_model_version_by_alias("digit-recognizer", "previous")
     # --force overrides the gate; previous keeps the replaced version
-    assert promote(tiny_dir, "--run", best.info.run_id, "--min-delta", "0.5", "--force") == 0
+    assert promote(tiny_dir, "--run", best.info.run_id, "--min-delta", "1", "--force") == 0
     assert str(production().version) == "2"
     assert MlflowClient().get_model_version_by_alias("digit-recognizer", "previous").version == 1
     assert promote(tiny_dir, "--rollback") == 0
