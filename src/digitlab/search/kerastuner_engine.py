@@ -54,14 +54,15 @@ def _oracle(settings: Settings):
     )
     if space.tuner == "hyperband":
         # Many brackets, so that the trial budget below, not Hyperband, ends the search.
-        oracle = _starting(kt.oracles.HyperbandOracle, space.start)(
-            max_epochs=settings.max_epochs, factor=3, hyperband_iterations=1000, **common)
-        oracle.max_trials = settings.trials
-        return oracle
-    if space.tuner == "bayesian":
-        return _starting(kt.oracles.BayesianOptimizationOracle, space.start)(
-            max_trials=settings.trials, **common)
-    return _starting(kt.oracles.RandomSearchOracle, space.start)(max_trials=settings.trials, **common)
+        oracle_class = kt.oracles.HyperbandOracle
+        options = dict(max_epochs=settings.max_epochs, factor=3, hyperband_iterations=1000)
+    elif space.tuner == "bayesian":
+        oracle_class, options = kt.oracles.BayesianOptimizationOracle, {}
+    else:
+        oracle_class, options = kt.oracles.RandomSearchOracle, {}
+    oracle = _starting(oracle_class, space.start)(**options, **common)
+    oracle.max_trials = settings.trials  # Hyperband takes no max_trials argument
+    return oracle
 
 
 def _starting(oracle_class, start: dict[str, Any]):
