@@ -108,15 +108,16 @@ def summary(out: Path, arms: list[str], labels: np.ndarray) -> dict:
             "all_averaged": accuracy([(arm, s) for s in scores]),
             "seconds": statistics.mean(r["seconds"] for r in runs if r["arm"] == arm),
         })
-    wrong = np.array([probs[k].argmax(1) != labels for k in probs]) if probs else np.zeros((0, 0))
-    ce = [r["val_crossentropy"] for r in runs if r["arm"] != "val_fraction0.025"]
-    acc = [r["holdout"] for r in runs if r["arm"] != "val_fraction0.025"]
+    wrong_share = np.mean([probs[k].argmax(1) != labels for k in probs], axis=0) if probs else None
+    # whether ranking by validation cross-entropy, as the search does, picks the better models
+    # (only among runs validated on the same images)
+    same_split = [r for r in runs if "training.validation_fraction" not in ARMS[r["arm"]]]
+    ce, acc = [r["val_crossentropy"] for r in same_split], [r["holdout"] for r in same_split]
     return {
         "arms": rows,
         "runs": len(runs),
         "all_averaged": accuracy(list(probs)) if probs else None,
-        "images_wrong_in_half_of_the_models": int((wrong.mean(0) >= 0.5).sum()) if probs else None,
-        # whether ranking by validation cross-entropy (as the search does) can pick the better model
+        "images_wrong_in_half_of_the_models": None if wrong_share is None else int((wrong_share >= 0.5).sum()),
         "corr_val_crossentropy_holdout": float(np.corrcoef(ce, acc)[0, 1]) if len(ce) > 2 else None,
     }
 
