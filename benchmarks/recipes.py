@@ -97,14 +97,14 @@ def summary(out: Path, arms: list[str], labels: np.ndarray) -> dict:
         if not scores:
             continue
         values = list(scores.values())
-        gains = [scores[s] - by_arm["base"][s] for s in scores if s in by_arm.get("base", {})]
+        base = by_arm.get("base", {}) if arm != "base" else {}
+        gains = [scores[s] - base[s] for s in scores if s in base]
         rows.append({
             "arm": arm, "runs": len(values), "mean": statistics.mean(values),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "at_least_99": sum(v >= 99.0 for v in values),
-            "gain_over_base": statistics.mean(gains) if gains and arm != "base" else None,
-            "gain_se": (statistics.stdev(gains) / len(gains) ** 0.5
-                        if len(gains) > 1 and arm != "base" else None),
+            "gain_over_base": statistics.mean(gains) if gains else None,
+            "gain_se": statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else None,
             "all_averaged": accuracy([(arm, s) for s in scores]),
             "seconds": statistics.mean(r["seconds"] for r in runs if r["arm"] == arm),
         })
