@@ -121,7 +121,7 @@ def summary(out: Path, arms: list[str], labels: np.ndarray, against: str = "base
             "arm": arm, "runs": len(values), "mean": statistics.mean(values),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "at_least_99": sum(v >= 99.0 for v in values),
-            "gain_over_base": statistics.mean(gains) if gains else None,
+            "gain": statistics.mean(gains) if gains else None,
             "gain_se": statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else None,
             "all_averaged": accuracy([(arm, s) for s in scores]),
             "three_averaged_mean": statistics.mean(threes) if threes else None,
@@ -153,7 +153,7 @@ def print_summary(s: dict) -> None:
     print(f"\narm | runs | holdout mean | sd | min-max | runs >= 99.0% | gain over {s['against']} "
           "(se) | all averaged | three averaged: mean, share >= 99.2% | s/run")
     for r in s["arms"]:
-        gain = "" if r["gain_over_base"] is None else f"{r['gain_over_base']:+.2f}"
+        gain = "" if r["gain"] is None else f"{r['gain']:+.2f}"
         gain += "" if r["gain_se"] is None else f" ({r['gain_se']:.2f})"
         three = ("" if r["three_averaged_mean"] is None else
                  f"{r['three_averaged_mean']:.2f}%, {100 * r['three_averaged_at_least_99.2']:.0f}%")
@@ -193,7 +193,7 @@ def main() -> int:
         if not sep:
             parser.error(f"--set {item!r}: expected KEY=VALUE")
         args.set[key] = yaml.safe_load(value)
-    unknown = [a for a in args.arms if a not in ARMS]
+    unknown = [a for a in [*args.arms, args.against] if a not in ARMS]
     if unknown:
         parser.error(f"unknown arm {unknown[0]!r} (known: {', '.join(ARMS)})")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -48,8 +48,8 @@ def test_gains_are_paired_with_the_named_arm_and_three_averaged_counts_draws(tmp
     s = recipes.summary(tmp_path, [REF, MORE], labels, against=REF)
     rows = {r["arm"]: r for r in s["arms"]}
 
-    assert s["against"] == REF and rows[REF]["gain_over_base"] is None
-    assert rows[MORE]["gain_over_base"] == pytest.approx(1.0)
+    assert s["against"] == REF and rows[REF]["gain"] is None
+    assert rows[MORE]["gain"] == pytest.approx(1.0)
     assert rows[MORE]["gain_se"] == pytest.approx(0.0)
     assert rows[REF]["mean"] == pytest.approx(98.0) and rows[MORE]["mean"] == pytest.approx(99.0)
     assert rows[REF]["three_averaged_mean"] == pytest.approx(98.0)
