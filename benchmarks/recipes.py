@@ -57,6 +57,10 @@ ARMS = {
                                  "training.validation_fraction": 0.05},
     "dropout0.3_conv0_val0.025": {"model.dropout": 0.3, "model.conv_dropout": 0.0,
                                   "training.validation_fraction": 0.025},
+    # the mean of the last 5 epochs' weights instead of the last epoch's (stochastic weight averaging)
+    "dropout0.3_conv0_val0.05_swa5": {"model.dropout": 0.3, "model.conv_dropout": 0.0,
+                                      "training.validation_fraction": 0.05,
+                                      "training.average_last_epochs": 5},
     "dropout0.3_conv0.1_l2_0": {"model.dropout": 0.3, "model.conv_dropout": 0.1, "model.l2": 0.0},
     "dropout0.3_conv0.1_l2_1e-4": {"model.dropout": 0.3, "model.conv_dropout": 0.1,
                                    "model.l2": 1e-4},

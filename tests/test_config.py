@@ -50,6 +50,8 @@ def test_int_accepted_for_float(workdir):
         ({"optimizer.name": "adagrad"}, "optimizer.name must be"),
         ({"augmentation.elastic": -1.0}, "augmentation strengths must be >= 0"),
         ({"augmentation.elastic_sigma": 0.0}, "elastic_sigma must be > 0"),
+        ({"training.average_last_epochs": -1}, "average_last_epochs must be >= 0"),
+        ({"training.average_last_epochs": 5, "training.restore_best": True}, "exclude each other"),
     ],
 )
 def test_bad_overrides_are_errors(workdir, override, message):

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -113,6 +114,28 @@ def test_annealer_keeps_the_cuts_of_lr_reduction_on_plateau(workdir, tiny_dir):
     })
     result = train.run(cfg, data.load(tiny_dir), verbose=0)
     np.testing.assert_allclose(result.history["learning_rate"], [1e-9, 0.5e-9, 0.125e-9], rtol=1e-5)
+
+
+def test_weight_averaging_ends_on_the_mean_of_the_last_epochs_weights(workdir, tiny_dir):
+    class Snapshots(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.weights = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights.append(self.model.get_weights())
+
+    digits = data.load(tiny_dir)
+    overrides = {"training.epochs": 4, "training.average_last_epochs": 3}
+    seen = Snapshots()
+    result = train.run(config.load_experiment("basic_cnn", overrides), digits, [seen], verbose=0)
+    expected = [np.mean(epochs, axis=0) for epochs in zip(*seen.weights[-3:], strict=True)]
+    for got, want, last in zip(result.model.get_weights(), expected, seen.weights[-1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(got, last)  # not simply the last epoch's
+    # the run's validation figures are the averaged model's
+    np.testing.assert_allclose(result.val_probabilities,
+                               train.predict(result.model, result.split.val_images), rtol=1e-5)
 
 
 def test_mixed_precision_trains_in_the_policy_it_reports(workdir, tiny_dir, monkeypatch):

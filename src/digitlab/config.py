@@ -81,6 +81,9 @@ class TrainingConfig:
     reduce_lr: ReduceLROnPlateau = field(default_factory=ReduceLROnPlateau)
     # keep the weights of the best epoch (by val_accuracy), as checkpointing would
     restore_best: bool = False
+    # end on the mean of the weights of the last N epochs trained (stochastic weight
+    # averaging over the annealed rate's last epochs); 0 or 1: the last epoch's weights
+    average_last_epochs: int = 0
     mixed_precision: bool = False
 
 
@@ -224,6 +227,10 @@ def validate(config: ExperimentConfig) -> None:
         (t.batch_size >= 1, "training.batch_size must be >= 1"),
         (0 < t.validation_fraction < 1, "training.validation_fraction must be in (0, 1)"),
         (0 < t.lr_decay <= 1, "training.lr_decay must be in (0, 1]"),
+        (t.average_last_epochs >= 0, "training.average_last_epochs must be >= 0"),
+        (not (t.restore_best and t.average_last_epochs > 1),
+         "training.restore_best and training.average_last_epochs exclude each other: "
+         "the one keeps an epoch's weights, the other averages several"),
         (min(a.rotation, a.zoom, a.shift, a.elastic) >= 0, "augmentation strengths must be >= 0"),
         (a.elastic_sigma > 0, "augmentation.elastic_sigma must be > 0"),
     ]

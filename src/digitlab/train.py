@@ -7,6 +7,7 @@ callbacks it passes (MLflow logging, pruning).
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass
@@ -109,6 +110,37 @@ class BestWeights(keras.callbacks.Callback):
             self.model.set_weights(self.weights)
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """Ends training on the mean of the weights at the end of the last `epochs` epochs.
+
+    Stochastic weight averaging, with the annealed rate's last epochs as its samples:
+    each epoch's weights sit at a different point near the same minimum, and their mean
+    generalises better than any one of them (on the default study's start configuration
+    the mean of the last 5 epochs scored 0.07 points higher on the holdout than the last
+    epoch's weights over 12 seeds: README, Performance). It runs after early stopping,
+    whose restored weights it replaces; with early stopping the epochs are the last ones
+    before the stop.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.snapshots: collections.deque[list[np.ndarray]] = collections.deque(maxlen=epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.snapshots.append(self.model.get_weights())
+
+    def on_train_end(self, logs=None):
+        if len(self.snapshots) < 2:
+            return
+        averaged = []
+        for values in zip(*self.snapshots, strict=True):
+            last = values[-1]
+            # counters and other integer state keep their last value
+            averaged.append(np.mean(values, axis=0).astype(last.dtype)
+                            if np.issubdtype(last.dtype, np.floating) else last)
+        self.model.set_weights(averaged)
+
+
 def recipe_callbacks(config: ExperimentConfig) -> list[keras.callbacks.Callback]:
     t = config.training
     callbacks: list[keras.callbacks.Callback] = []
@@ -137,6 +169,8 @@ def recipe_callbacks(config: ExperimentConfig) -> list[keras.callbacks.Callback]
         )
     if t.restore_best:
         callbacks.append(BestWeights())
+    if t.average_last_epochs > 1:  # last: its weights are the ones training ends on
+        callbacks.append(WeightAverage(t.average_last_epochs))
     return callbacks
 
 
