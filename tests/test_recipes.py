@@ -1,21 +1,17 @@
 """The recipe study's summary (benchmarks/recipes.py), on hand-made run files: what it
 reports is what figure 5's default search is set by, so its arithmetic is checked here."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def recipes():
-    spec = importlib.util.spec_from_file_location("recipes", REPO / "benchmarks" / "recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recipes")
 
 
 def write_run(out, arm, seed, predicted, labels, val_ce=0.1):

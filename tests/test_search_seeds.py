@@ -1,21 +1,17 @@
 """The summary of figure 5 over several seeds (benchmarks/search_seeds.py), on hand-made
 searches: each way of choosing what to submit is scored as promote would build it."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def search_seeds():
-    spec = importlib.util.spec_from_file_location("search_seeds", REPO / "benchmarks" / "search_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("search_seeds")
 
 
 def write_search(out, seed, probabilities):
