@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -114,3 +116,21 @@ def print_table(rows: list[Row]) -> None:
 
 def as_json(rows: list[Row]) -> list[dict]:
     return [asdict(r) | {"status": r.status()} for r in rows]
+
+
+def claim(out: Path, settings: dict) -> None:
+    """Keep a study's --out to one setting: runs made otherwise would be summarised as its own."""
+    record = out / "settings.json"
+    if record.exists() and json.loads(record.read_text()) != settings:
+        print(f"error: {out} holds runs made with {record.read_text()}, "
+              f"not {json.dumps(settings)}: use another --out", file=sys.stderr)
+        raise SystemExit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings))
+
+
+def publish(summary: dict, print_summary: Callable[[dict], None], json_path: str) -> None:
+    """A study's summary printed, and written as JSON."""
+    print_summary(summary)
+    Path(json_path).write_text(json.dumps(summary, indent=1))
+    print(f"written to {json_path}")

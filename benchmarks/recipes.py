@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from common import claim, publish
 
 # The default study's fixed values with the start it had before this study (the middle of
 # its former ranges); every arm changes only what it names.
@@ -96,7 +97,7 @@ def work(args: argparse.Namespace) -> None:
 def summary(out: Path, arms: list[str], labels: np.ndarray, against: str = "base") -> dict:
     """Per arm: accuracy over seeds, gain over the `against` arm paired by seed, its models
     averaged."""
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*__*.json"))]
     runs = [r for r in runs if r["arm"] in arms]
     probs = {(r["arm"], r["seed"]): np.load(out / f"{r['arm']}__{r['seed']}.npy").astype(np.float32)
              for r in runs}
@@ -202,6 +203,7 @@ def main() -> int:
         work(args)
         return 0
 
+    claim(Path(args.out), {"epochs": args.epochs, "set": args.set})
     deadline = time.time() + 60 * args.minutes
     command = [sys.executable, __file__, "--arms", ",".join(args.arms), "--seeds", str(args.seeds),
                "--workers", str(args.workers), "--epochs", str(args.epochs), "--out", args.out,
@@ -212,10 +214,8 @@ def main() -> int:
 
     from digitlab import data
 
-    s = summary(Path(args.out), args.arms, data.load(args.data_dir).test_labels, args.against)
-    print_summary(s)
-    Path(args.json).write_text(json.dumps(s, indent=1))
-    print(f"written to {args.json}")
+    publish(summary(Path(args.out), args.arms, data.load(args.data_dir).test_labels, args.against),
+            print_summary, args.json)
     return 1 if failed else 0
 
 

@@ -10,8 +10,8 @@ so one seed cannot tell a sound way of choosing from a lucky one. Each seed's se
 trials, ranked as `digitlab promote` ranks them, are scored on the holdout and their
 probabilities kept, and the summary scores the single model and the ensembles that promote
 would build (top 3 and top 5 averaged) and the alternatives (majority vote of the top 3, all
-completed trials averaged) on every seed finished in --out. A second call with the same --out
-skips finished seeds.
+completed trials averaged) over the seeds asked for. A second call with the same --out skips
+the seeds already searched; --out holds searches of one space file and --minutes only.
 
 Meant for a GPU machine: there `KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false` lets a
 dozen searches share one GPU (12 ran 7 or 8 trials each in 7 minutes on one H200). On 2 CPU
@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from common import claim, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,9 +111,12 @@ def choices(p: np.ndarray) -> dict[str, np.ndarray]:
 TARGETS = {"single (promote)": 99.0}  # every ensemble: 99.2
 
 
-def summary(out: Path, labels: np.ndarray) -> dict:
+def summary(out: Path, labels: np.ndarray, seeds_asked: list[int]) -> dict:
     seeds = []
-    for record_path in sorted(out.glob("seed*/search.json")):
+    for seed in seeds_asked:
+        record_path = out / f"seed{seed}" / "search.json"
+        if not record_path.exists():  # its search failed
+            continue
         record = json.loads(record_path.read_text())
         p = np.load(record_path.parent / "holdout_probabilities.npy").astype(np.float32)
         scores = {way: accuracy(predicted, labels) for way, predicted in choices(p).items()}
@@ -178,6 +182,7 @@ def main() -> int:
         return 0
 
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    claim(out, {"space": str(Path(args.space).resolve()), "minutes": args.minutes})
     pending = [s for s in seeds if not (out / f"seed{s}" / "search.json").exists()]
     command = [sys.executable, __file__, "--space", args.space, "--out", args.out,
                "--data-dir", args.data_dir, "--minutes", str(args.minutes)]
@@ -189,10 +194,7 @@ def main() -> int:
 
     from digitlab import data
 
-    s = summary(out, data.load(args.data_dir).test_labels)
-    print_summary(s)
-    Path(args.json).write_text(json.dumps(s, indent=1))
-    print(f"written to {args.json}")
+    publish(summary(out, data.load(args.data_dir).test_labels, seeds), print_summary, args.json)
     return 1 if failed else 0
 
 

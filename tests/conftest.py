@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_benchmark(name: str):
     """A script of benchmarks/ as a module: they run as files and are not installed."""
+    if str(REPO / "benchmarks") not in sys.path:  # as running one from the shell would have it
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -63,5 +63,17 @@ def test_an_arm_with_fewer_than_three_runs_has_no_three_averaged(tmp_path, recip
     labels = np.arange(1000) % 10
     for seed in (1, 2):
         write_run(tmp_path, REF, seed, labels, labels)
+    (tmp_path / "settings.json").write_text('{"epochs": 40, "set": {}}')  # not a run
     (row,) = recipes.summary(tmp_path, [REF], labels, against=REF)["arms"]
     assert row["runs"] == 2 and row["three_averaged_mean"] is None
+
+
+def test_an_out_folder_keeps_one_setting(tmp_path, capsys):
+    common = load_benchmark("common")
+    common.claim(tmp_path, {"epochs": 40, "set": {}})
+    common.claim(tmp_path, {"epochs": 40, "set": {}})  # the same study, resumed
+    with pytest.raises(SystemExit) as stopped:
+        common.claim(tmp_path, {"epochs": 20, "set": {}})
+    assert stopped.value.code == 2
+    assert '"epochs": 40' in capsys.readouterr().err
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"epochs": 40, "set": {}}

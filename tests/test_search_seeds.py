@@ -39,8 +39,9 @@ def test_each_way_scores_the_ranked_trials_as_promote_combines_them(tmp_path, se
     weak[10:30] = confident_wrong[10:30]
     write_search(tmp_path, 1, [first, second, third, weak, weak])
     write_search(tmp_path, 2, [right, second])  # two completed trials: no top-3 ensemble
+    write_search(tmp_path, 3, [weak])  # searched by an earlier call, not asked for now
 
-    s = search_seeds.summary(tmp_path, labels)
+    s = search_seeds.summary(tmp_path, labels, [1, 2])
     one, two = s["seeds"]
     assert one["completed_holdout"] == [99.0, 100.0, 100.0, 98.0, 98.0]
     assert one["scores"] == {
