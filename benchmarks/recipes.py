@@ -2,19 +2,21 @@
 study's CNN and of variations of it, each trained from many seeds.
 
     python benchmarks/recipes.py [--arms base,dropout0.3_conv0] [--seeds 12] [--workers 12]
-                                 [--minutes 6] [--epochs 40] [--set KEY=VALUE ...]
+                                 [--minutes 10] [--epochs 40] [--set KEY=VALUE ...]
                                  [--against ARM] [--out DIR] [--json FILE] [--quick]
 
 On 400 validation images one training run cannot tell a better recipe from a lucky seed
 (40-epoch runs of one configuration score 98.4% to 99.2% on the holdout), so every arm trains
 the same seeds, jobs going out seed by seed so that the arms stay level when time runs out.
-All train on the search's validation split (seed 42) and are scored on the embedded data's
-1,000-image holdout. Worker processes train in parallel; each finished run leaves its result
-and holdout probabilities in --out, and a second call with the same --out skips them.
+All train on one validation split (seed 42, 10% of the images unless an arm says otherwise)
+and are scored on the embedded data's 1,000-image holdout. Worker processes train in parallel; each finished run leaves its result
+and holdout probabilities in --out, and a second call with the same --out skips them (one
+--out holds the runs of one --epochs and --set only).
 
 Meant for a GPU machine: there `KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false` lets
 12 processes share one GPU (a 40-epoch run took about 40 s each on one H200). On 2 CPU cores
-a run takes about 2 minutes.
+a run takes 1.5 to 4.5 minutes, by the CPU and --set training.mixed_precision=true (the times
+in search/default.yaml).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import numpy as np
 import yaml
 from common import claim, publish
 
-# The default study's fixed values with the start it had before this study (the middle of
-# its former ranges); every arm changes only what it names.
+# The default study as it stood before this study, in float32: its fixed values then (a 10%
+# validation split) and its start then (the middle of its former ranges); every arm changes
+# only what it names.
 BASE = {
     "model.batch_norm": False, "training.mixed_precision": False,
     "augmentation.rotation": 0.0, "augmentation.zoom": 0.0, "augmentation.shift": 0.0,

@@ -175,7 +175,7 @@ def test_gate_force_and_rollback(store, tiny_dir, capsys):
     assert promote(tiny_dir, "--run", worst.info.run_id) == 0
     assert str(production().version) == "1"
     capsys.readouterr()
-    # a candidate that is not better by more than min-delta leaves the aliases alone
+    # a candidate that is not better by at least min-delta leaves the aliases alone
     assert promote(tiny_dir, "--run", best.info.run_id, "--min-delta", "1") == 0  # beyond any gap
     assert "does not beat production version 1" in capsys.readouterr().out
     assert str(production().version) == "1"
