@@ -9,9 +9,10 @@ On 400 validation images one training run cannot tell a better recipe from a luc
 (40-epoch runs of one configuration score 98.4% to 99.2% on the holdout), so every arm trains
 the same seeds, jobs going out seed by seed so that the arms stay level when time runs out.
 All train on one validation split (seed 42, 10% of the images unless an arm says otherwise)
-and are scored on the embedded data's 1,000-image holdout. Worker processes train in parallel; each finished run leaves its result
-and holdout probabilities in --out, and a second call with the same --out skips them (one
---out holds the runs of one --epochs and --set only).
+and are scored on the embedded data's 1,000-image holdout. Worker processes train in
+parallel; each finished run leaves its result and holdout probabilities in --out, and a
+second call with the same --out skips them (one --out holds the runs of one --epochs and
+--set only).
 
 Meant for a GPU machine: there `KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false` lets
 12 processes share one GPU (a 40-epoch run took about 40 s each on one H200). On 2 CPU cores

@@ -246,6 +246,13 @@ def test_ensemble_with_tta_registers_one_version_and_submits(store, tiny_dir, ca
         float(version.tags["holdout_accuracy"]))
 
 
+def test_an_ensemble_larger_than_the_completed_trials_is_a_clear_error(store, tiny_dir, capsys):
+    ranked, _ = trials()
+    assert promote(tiny_dir, "--ensemble", str(len(ranked) + 1)) == 2
+    assert f"only {len(ranked)} completed trial" in capsys.readouterr().err
+    assert MlflowClient().search_model_versions("name = 'digit-recognizer'") == []
+
+
 def test_submit_without_production_is_a_clear_error(store, tiny_dir, capsys):
     assert cli.main(["submit", "--data-dir", str(tiny_dir)]) == 2
     assert "run `digitlab promote` first" in capsys.readouterr().err

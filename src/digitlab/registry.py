@@ -108,7 +108,8 @@ def select(client: MlflowClient, experiment_ids: list[str], search_run_id: str |
     if not trials:
         raise UserError(f"search run {search_run.info.run_id} has no completed trial to promote")
     if ensemble > len(trials):
-        raise UserError(f"--ensemble {ensemble}: the search has only {len(trials)} completed trials")
+        plural = "" if len(trials) == 1 else "s"
+        raise UserError(f"--ensemble {ensemble}: the search has only {len(trials)} completed trial{plural}")
     return trials[: max(1, ensemble)], search_run
 
 
