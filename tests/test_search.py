@@ -101,6 +101,9 @@ def test_budget_is_a_total_and_resume_continues_the_parent(space_file, tiny_dir)
     parents, children = split_runs()
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    # the resumed study draws new values, not the first call's again
+    first, second = ({k: v for k, v in c.data.params.items() if k.startswith("sampled.")} for c in children)
+    assert first and first != second
 
 
 @pytest.mark.parametrize("engine", ["optuna", "kerastuner"])
@@ -376,6 +379,8 @@ def test_two_workers_share_one_study(space_file, tiny_dir, workdir):
     assert len(finished) == 6 and len(study.trials) == 6
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) == 2  # both processes ran trials
+    # each drew its own values: neither repeated the other's random start
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6
     (parent,), children = split_runs()
     assert len(children) == 6
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
