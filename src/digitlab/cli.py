@@ -86,8 +86,12 @@ def cmd_search(args) -> int:
     states = ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items()))
     print(f"\nstudy {summary['study']}: {states}")
     if summary["out_of_time"]:
+        # Said here because `promote --ensemble K` needs K completed trials, and on a slow
+        # machine the budget may complete fewer: running the search again adds more.
+        completed = summary["states"].get("COMPLETE", 0)
         print(f"time budget of {settings.space.minutes:g} minutes used up before all "
-              f"{settings.trials} trials; the same command goes on with the study")
+              f"{settings.trials} trials, {completed} completed (an ensemble of K needs K); "
+              "the same command goes on with the study")
     if best:
         print(f"best trial {best['number']}: {settings.space.metric} {best['value']:.4f} "
               f"(MLflow run {best['run_id']})")

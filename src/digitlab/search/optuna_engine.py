@@ -104,7 +104,9 @@ def _sampler(settings: Settings, trial_number: int) -> optuna.samplers.BaseSampl
     if settings.space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     startup = min(10, max(3, settings.trials // 3))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    # constant_liar (Optuna 5's default, named so it stays): trials still running on other
+    # workers count as poor results, so concurrent workers do not propose the same region.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
 
 
 def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
