@@ -117,6 +117,29 @@ def test_a_run_that_raises_ends_failed_with_what_it_logged(workdir, tiny_dir, mo
     assert [m.step for m in history] == [1]
 
 
+def test_a_dataset_another_worker_logged_first_is_logged_again(workdir, tiny_dir, monkeypatch):
+    # Injected fault: as when two search workers start together, another run creates the
+    # dataset between this run's lookup and its insert, and the insert fails on the unique key.
+    real = mlflow.log_input
+
+    def raced(dataset, **kwargs):
+        monkeypatch.setattr(mlflow, "log_input", real)
+        with mlflow.start_run(nested=True, run_name="other worker"):
+            real(dataset, **kwargs)
+        raise mlflow.exceptions.MlflowException(
+            "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+            "datasets.name, datasets.digest")
+
+    monkeypatch.setattr(mlflow, "log_input", raced)
+    args = ["train", "--experiment", "dnn", "--epochs", "1", "--data-dir", str(tiny_dir)]
+    assert cli.main(args) == 0
+    client = MlflowClient()
+    (run,) = [r for r in only_run() if r.info.run_name != "other worker"]
+    assert run.info.status == "FINISHED"
+    (logged,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.digest == run.data.params["data.digest"][:32]
+
+
 def test_sigterm_ends_the_run_killed(workdir, tiny_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "digitlab", "train", "--experiment", "dnn", "--epochs", "500",

@@ -179,7 +179,14 @@ def log_setup(config: ExperimentConfig, data: DigitData) -> None:
         name="digit-recognizer",
         digest=data.digest[:32],
     )
-    mlflow.log_input(dataset, context="training")
+    try:
+        mlflow.log_input(dataset, context="training")
+    except mlflow.exceptions.MlflowException:
+        # The store looks the dataset up and inserts it if missing in one transaction, so
+        # workers starting together can both insert it; the loser's transaction fails on
+        # the unique key and rolls back (seen: SQLite, `--workers 2`). Once more finds the
+        # row; any other error raises again.
+        mlflow.log_input(dataset, context="training")
 
 
 def log_result(result: train.Result, with_model: bool = True) -> None:
