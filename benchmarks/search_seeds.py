@@ -14,7 +14,7 @@ completed trials averaged) over the seeds asked for. A second call with the same
 the seeds already searched; --out holds searches of one space file and --minutes only.
 
 Meant for a GPU machine: there `KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false` lets a
-dozen searches share one GPU (12 ran 7 or 8 trials each in 7 minutes on one H200). On 2 CPU
+dozen searches share one GPU (12 ran 8 to 10 trials each in 7 minutes on one H200). On 2 CPU
 cores one default search takes 11 to 20 minutes: no trial starts after its 16-minute budget,
 but the one running then finishes.
 """
