@@ -14,11 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark(name: str):
-    """A script of benchmarks/ as a module: they run as files and are not installed."""
-    if str(REPO / "benchmarks") not in sys.path:  # as running one from the shell would have it
+def load_benchmark(path: str):
+    """A script of benchmarks/ as a module, by its path there without `.py` ("common",
+    "studies/recipes"): they run as files and are not installed."""
+    if str(REPO / "benchmarks") not in sys.path:  # where the scripts find common.py
         sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    file = REPO / "benchmarks" / f"{path}.py"
+    spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,5 +1,6 @@
-"""The recipe study's summary (benchmarks/recipes.py), on hand-made run files: what it
-reports is what figure 5's default search is set by, so its arithmetic is checked here."""
+"""The recipe study's summary (benchmarks/studies/recipes.py), on hand-made run files: the
+default search's start and ranges are set by what it reports, so its arithmetic is checked
+here."""
 
 import json
 
@@ -11,7 +12,7 @@ from tests.conftest import load_benchmark
 
 @pytest.fixture(scope="module")
 def recipes():
-    return load_benchmark("recipes")
+    return load_benchmark("studies/recipes")
 
 
 def write_run(out, arm, seed, predicted, labels, val_ce=0.1):

@@ -1,5 +1,6 @@
-"""The summary of figure 5 over several seeds (benchmarks/search_seeds.py), on hand-made
-searches: each way of choosing what to submit is scored as promote would build it."""
+"""The summary of the default search over several seeds (benchmarks/studies/search_seeds.py),
+on hand-made searches: each way of choosing what to submit is scored as promote would build
+it."""
 
 import json
 
@@ -11,7 +12,7 @@ from tests.conftest import load_benchmark
 
 @pytest.fixture(scope="module")
 def search_seeds():
-    return load_benchmark("search_seeds")
+    return load_benchmark("studies/search_seeds")
 
 
 def write_search(out, seed, probabilities):

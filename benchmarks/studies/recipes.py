@@ -1,23 +1,23 @@
-"""The recipe study behind the default search (figure 5): holdout accuracy of the default
-study's CNN and of variations of it, each trained from many seeds.
+"""The recipe study: holdout accuracy of the default study's CNN and of variations of it
+(arms), each trained from many seeds; the search's start and ranges come from it.
 
-    python benchmarks/recipes.py [--arms base,dropout0.3_conv0] [--seeds 12] [--workers 12]
-                                 [--minutes 10] [--epochs 40] [--set KEY=VALUE ...]
-                                 [--against ARM] [--out DIR] [--json FILE] [--quick]
+    python benchmarks/studies/recipes.py [--arms base,dropout0.3_conv0] [--seeds 12] [--workers 12]
+                                         [--minutes 10] [--epochs 40] [--set KEY=VALUE ...]
+                                         [--against ARM] [--out DIR] [--json FILE] [--quick]
 
-On 400 validation images one training run cannot tell a better recipe from a lucky seed
-(40-epoch runs of one configuration score 98.4% to 99.2% on the holdout), so every arm trains
-the same seeds, jobs going out seed by seed so that the arms stay level when time runs out.
-All train on one validation split (seed 42, 10% of the images unless an arm says otherwise)
-and are scored on the embedded data's 1,000-image holdout. Worker processes train in
+On a 1,000-image holdout one training run cannot tell a better recipe from a lucky seed, so
+every arm trains the same seeds, jobs going out seed by seed so that the arms stay level when
+time runs out. All train on one validation split (seed 42, 10% of the images unless an arm
+says otherwise) and are scored on the embedded data's holdout. Worker processes train in
 parallel; each finished run leaves its result and holdout probabilities in --out, and a
 second call with the same --out skips them (one --out holds the runs of one --epochs and
---set only).
+--set only). The summary gives, per arm, the holdout mean and spread over seeds, the gain
+over --against paired by seed, all of the arm's models averaged, and every three of them
+averaged (what a top-3 ensemble gets when a search cannot rank its trials).
 
 Meant for a GPU machine: there `KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false` lets
-12 processes share one GPU (a 40-epoch run took about 40 s each on one H200). On 2 CPU cores
-a run takes 1.5 to 4.5 minutes, by the CPU and --set training.mixed_precision=true (the times
-in search/default.yaml).
+a dozen processes share one GPU. On 2 CPU cores each 40-epoch run takes minutes (add
+--set training.mixed_precision=true on a CPU with bfloat16 in hardware).
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from common import claim, publish
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+
+from common import claim, publish  # noqa: E402
 
 # The default study as it stood before this study, in float32: its fixed values then (a 10%
 # validation split) and its start then (the middle of its former ranges); every arm changes
@@ -111,8 +114,8 @@ def summary(out: Path, arms: list[str], labels: np.ndarray, against: str = "base
         return 100 * float(np.mean(sum(probs[k] for k in keys).argmax(1) == labels))
 
     def three_averaged(arm: str, seeds: list[int]) -> list[float]:
-        """Holdout accuracy of every three of the arm's models averaged: what figure 5's
-        top-3 ensemble gets when the search cannot rank its trials."""
+        """Holdout accuracy of every three of the arm's models averaged: what a search's
+        top-3 ensemble gets when it cannot rank its trials."""
         return [accuracy([(arm, s) for s in three]) for three in itertools.combinations(seeds, 3)]
 
     rows = []

@@ -1,11 +1,12 @@
-"""Figure 5 over several seeds: the default search run once per seed, every completed trial
+"""The default search over several seeds: the search run once per seed, every completed trial
 scored on the holdout, and the ways of choosing what to submit compared on the same trials.
 
-    python benchmarks/search_seeds.py [--seeds 1,7,42] [--workers 3] [--space search/default.yaml]
-                                      [--minutes 0] [--out DIR] [--json FILE] [--quick]
+    python benchmarks/studies/search_seeds.py [--seeds 1,7,42] [--workers 3]
+                                              [--space search/default.yaml] [--minutes 0]
+                                              [--out DIR] [--json FILE] [--quick]
 
-One search meets or misses the ensemble target by an image or two of the 1,000-image holdout,
-so one seed cannot tell a sound way of choosing from a lucky one. Each seed's search runs as
+On a 1,000-image holdout one search's result moves by an image or two with its seed, so one
+seed cannot tell a sound way of choosing from a lucky one. Each seed's search runs as
 `digitlab search --seed N` in its own directory and tracking store; afterwards its completed
 trials, ranked as `digitlab promote` ranks them, are scored on the holdout and their
 probabilities kept, and the summary scores the single model and the ensembles that promote
@@ -14,9 +15,8 @@ completed trials averaged) over the seeds asked for. A second call with the same
 the seeds already searched; --out holds searches of one space file and --minutes only.
 
 Meant for a GPU machine: there `KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false` lets a
-dozen searches share one GPU (12 ran 8 to 10 trials each in 7 minutes on one H200). On 2 CPU
-cores one default search takes 11 to 20 minutes: no trial starts after its 16-minute budget,
-but the one running then finishes.
+dozen searches share one GPU. On 2 CPU cores one default search takes about 20 minutes: no
+trial starts after its 16-minute budget, but the one running then finishes.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import claim, publish
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+
+from common import REPO, claim, publish  # noqa: E402
 
 
 def search_and_score(args: argparse.Namespace, seed: int) -> None:
