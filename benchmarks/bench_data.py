@@ -1,4 +1,4 @@
-"""Figure 2: a Kaggle-size train.csv (42,000 x 785, real embedded digits tiled) parsed and
+"""Data loading: a Kaggle-size train.csv (42,000 x 785, real embedded digits tiled) parsed and
 validated cold and loaded from the cache, versus pandas.read_csv defaults and numpy.loadtxt."""
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def measure(quick: bool) -> list[Row]:
         if quick:
             ways.pop("loadtxt")  # the slowest way adds nothing to a smoke test
         times = interleaved(ways, repeats)
-    fig = "2 data loading"
+    group = "data loading"
     rows = [
-        Row(fig, "digitlab cold: parse + validate + cache", median(times["cold"]), "s", "a few s", median(times["cold"]) < 5,
+        Row(group, "digitlab cold: parse + validate + cache", median(times["cold"]), "s", "a few s", median(times["cold"]) < 5,
             note=f"{ROWS} x 785 train.csv, median of {repeats}"),
-        Row(fig, "digitlab from cache", median(times["cached"]), "s", "< 0.5 s", median(times["cached"]) < 0.5),
-        Row(fig, "pandas.read_csv, defaults", median(times["pandas"]), "s"),
+        Row(group, "digitlab from cache", median(times["cached"]), "s", "< 0.5 s", median(times["cached"]) < 0.5),
+        Row(group, "pandas.read_csv, defaults", median(times["pandas"]), "s"),
     ]
     if "loadtxt" in times:
-        rows.append(Row(fig, "numpy.loadtxt", median(times["loadtxt"]), "s"))
+        rows.append(Row(group, "numpy.loadtxt", median(times["loadtxt"]), "s"))
     return rows

@@ -1,4 +1,4 @@
-"""Figure 6: rows per second from a 28,000-row test.csv to submission.csv, through the
+"""Inference: rows per second from a 28,000-row test.csv to submission.csv, through the
 registered model (load, parse and validate, predict in batches, write and validate)."""
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def measure(quick: bool) -> list[Row]:
                                        data_dir=str(big), output=str(Path(root) / "submission.csv"))
             seconds.append(time.perf_counter() - start)
             assert result["rows"] == ROWS
-    fig = "6 inference"
+    group = "inference"
     return [
-        Row(fig, f"test.csv -> submission.csv ({experiment}), first run", ROWS / seconds[0], "rows/s",
+        Row(group, f"test.csv -> submission.csv ({experiment}), first run", ROWS / seconds[0], "rows/s",
             note=f"{ROWS} rows; first run parses the CSV cold, later ones hit the cache"),
-        Row(fig, f"test.csv -> submission.csv ({experiment}), median", ROWS / median(seconds), "rows/s",
+        Row(group, f"test.csv -> submission.csv ({experiment}), median", ROWS / median(seconds), "rows/s",
             note=f"median of {repeats}"),
     ]

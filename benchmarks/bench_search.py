@@ -1,5 +1,5 @@
-"""Figures 3, 4 and 7: search efficiency with and without pruning, engines side by side,
-and trials per hour with 1 and 2 workers. Every study runs on the embedded data."""
+"""Search efficiency: studies with and without pruning, engines side by side, and trials
+per hour with 1 and 2 workers. Every study runs on the embedded data."""
 
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ def study(name: str, quick: bool, *, trials: int, epochs: int, sampler="tpe", pr
     }
 
 
-# Figure 3 repeats the pruned / unpruned pair with several seeds: on 400 validation images
-# one image is 0.25 points, so a single pair cannot tell a pruner that loses the best trial
-# by chance from one that does so as a rule. Seed 3 comes first; figure 4 reuses its study.
+# The pruned / unpruned pair runs with several seeds: on 400 validation images one image is
+# 0.25 points, so a single pair cannot tell a pruner that loses the best trial by chance from
+# one that does so as a rule. Seed 3 comes first; the engines' comparison reuses its study.
 PRUNING_SEEDS = (3, 1, 2)
 
 
@@ -74,36 +74,36 @@ def measure(quick: bool) -> list[Row]:
         one = study("workers1", quick, trials=trials, epochs=max(1, epochs // 2), pruner="none")
         two = study("workers2", quick, trials=trials, epochs=max(1, epochs // 2), pruner="none", workers=2)
 
-    fig3 = "3 pruning"
+    pruning = "pruning"
     saved, gaps = [], []
     for seed, (on, off) in zip(seeds, pairs, strict=True):
         saved.append(100 * (1 - on["epochs"] / off["epochs"]))
         gaps.append(100 * (off["best"] - on["best"]))
         out += [
-            Row(fig3, f"seed {seed}: epochs saved by pruning", saved[-1], "%",
+            Row(pruning, f"seed {seed}: epochs saved by pruning", saved[-1], "%",
                 note=f"{on['epochs']} / {off['epochs']} epochs and {on['seconds']:.0f} / "
                      f"{off['seconds']:.0f} s with / without pruning; {trials} trials x up to {epochs} epochs"),
-            Row(fig3, f"seed {seed}: accuracy given up by pruning", gaps[-1], "points",
+            Row(pruning, f"seed {seed}: accuracy given up by pruning", gaps[-1], "points",
                 note=f"best val_accuracy {on['best']:.4f} / {off['best']:.4f} with / without pruning"),
         ]
     label = "median over seeds " + ", ".join(map(str, seeds))
     out += [
-        Row(fig3, f"epochs saved by pruning, {label}", median(saved), "%", ">= 40%", median(saved) >= 40),
-        Row(fig3, f"accuracy given up by pruning, {label}", median(gaps), "points", "<= 0.2",
+        Row(pruning, f"epochs saved by pruning, {label}", median(saved), "%", ">= 40%", median(saved) >= 40),
+        Row(pruning, f"accuracy given up by pruning, {label}", median(gaps), "points", "<= 0.2",
             median(gaps) <= 0.2),
     ]
-    fig4 = "4 engines"
+    engines = "engines"
     for label, r in (("Optuna TPE + Hyperband pruning", pruned), ("KerasTuner Hyperband", kt),
                      ("random search (Optuna)", rnd)):
-        out.append(Row(fig4, f"{label}: best val_accuracy", r["best"], "",
+        out.append(Row(engines, f"{label}: best val_accuracy", r["best"], "",
                        note=f"{r['trials']} trials, {r['epochs']} epochs"))
-        out.append(Row(fig4, f"{label}: epochs spent", r["epochs"], "epochs"))
-    fig7 = "7 parallel workers"
+        out.append(Row(engines, f"{label}: epochs spent", r["epochs"], "epochs"))
+    workers = "parallel workers"
     tph1 = one["trials"] / one["seconds"] * 3600
     tph2 = two["trials"] / two["seconds"] * 3600
     out += [
-        Row(fig7, "trials per hour, 1 worker", tph1, "trials/h"),
-        Row(fig7, "trials per hour, 2 workers", tph2, "trials/h"),
-        Row(fig7, "speed-up with 2 workers", tph2 / tph1, "x"),
+        Row(workers, "trials per hour, 1 worker", tph1, "trials/h"),
+        Row(workers, "trials per hour, 2 workers", tph2, "trials/h"),
+        Row(workers, "speed-up with 2 workers", tph2 / tph1, "x"),
     ]
     return out

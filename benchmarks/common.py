@@ -22,7 +22,7 @@ KEEP_SCRATCH = False  # run.py --keep: leave each scratch store for the MLflow U
 
 @dataclass
 class Row:
-    figure: str
+    group: str
     measure: str
     value: float | None
     unit: str
@@ -100,8 +100,8 @@ def scratch(name: str):
 
 
 def print_table(rows: list[Row]) -> None:
-    headers = ["figure", "measure", "value", "unit", "target", "status"]
-    cells = [[r.figure, r.measure, "-" if r.value is None else f"{r.value:,.4g}", r.unit, r.target,
+    headers = ["group", "measure", "value", "unit", "target", "status"]
+    cells = [[r.group, r.measure, "-" if r.value is None else f"{r.value:,.4g}", r.unit, r.target,
               r.status()] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
@@ -111,7 +111,7 @@ def print_table(rows: list[Row]) -> None:
         print(" | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
     for r in rows:
         if r.note:
-            print(f"  note ({r.figure}, {r.measure}): {r.note}")
+            print(f"  note ({r.group}, {r.measure}): {r.note}")
 
 
 def as_json(rows: list[Row]) -> list[dict]:
