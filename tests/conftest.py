@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Every experiment the repository ships, read from its folder (not a list kept by hand).
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 
 
 def load_benchmark(path: str):
@@ -78,8 +79,8 @@ def tiny_dir(embedded_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    """A fresh working directory with the repository's experiments and its own MLflow store."""
-    shutil.copytree(REPO / "experiments", tmp_path / "experiments")
+    """A fresh working directory, as a user's own folder is: no experiments/, search/ or
+    registry/ (the shipped copies are found), and its own MLflow store."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):

@@ -10,9 +10,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, TINY_SPACE
-
-ALL = ["dnn", "basic_cnn", "optimized_cnn", "deep_cnn", "lenet5", "kaggle_cnn", "wide_cnn"]
+from tests.conftest import EXPERIMENTS, REPO, TINY_SPACE
 
 
 def mlflow_run(workdir: Path, entry: str, *params: str,
@@ -59,7 +57,7 @@ def test_search_then_promote_without_naming_an_experiment(workdir, tiny_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ALL)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_main_entry_point_for_each_experiment_on_the_embedded_default(workdir, experiment):
     proc = mlflow_run(workdir, "main", f"experiment={experiment}", "epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]

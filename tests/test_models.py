@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from digitlab import config, data, models, runtime, train
+from tests.conftest import EXPERIMENTS
 
 # Pinned so that an accidental architecture change fails loudly.
 PARAMETERS = {
@@ -12,8 +13,13 @@ PARAMETERS = {
     "deep_cnn": 1_181_514,
     "lenet5": 61_706,
     "kaggle_cnn": 888_874,
+    "kaggle_cnn_elastic": 887_530,
     "wide_cnn": 231_468,
 }
+
+
+def test_every_experiment_has_a_pinned_parameter_count():
+    assert sorted(PARAMETERS) == EXPERIMENTS
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETERS))

@@ -209,7 +209,7 @@ def test_median_pruner_prunes_in_a_real_study(workdir, tiny_dir):
 
 def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_file, capsys):
     from digitlab import search
-    from digitlab.search import space
+    from digitlab.search import runner, space
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
@@ -227,7 +227,7 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
 
     settings = search.Settings(space=space.load(space_file), engine="optuna", study="s",
                                storage=None, workers=1, data_dir=None, seed=1)
-    search.Progress(ThreeFinished(), settings, parent).close()
+    runner.Progress(ThreeFinished(), settings, parent).close()
     # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation cross-entropy.
     assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
 

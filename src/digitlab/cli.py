@@ -1,24 +1,49 @@
-"""`digitlab` command line: parse, call the library, report. No logic lives here."""
+"""The `digitlab` command: parse, check the input, call the library, print the outcome.
+
+Input (data directory, experiment, overrides, search file, policy) is checked
+before TensorFlow is imported, so a mistake is reported in a second, on one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+from digitlab import console
 from digitlab.errors import SearchFailed, Terminated, UserError
 
-ALL_EXPERIMENTS = ["dnn", "basic_cnn", "optimized_cnn", "deep_cnn", "lenet5", "kaggle_cnn", "wide_cnn"]
+DESCRIPTION = (
+    "Train, search, promote and submit Keras CNNs for Kaggle's Digit Recognizer (MNIST), "
+    "every run tracked in MLflow."
+)
+EPILOG = ("experiments/, search/ and registry/ are read from the working directory when "
+          "present, else the copies shipped with digitlab; results are written to the working "
+          "directory (mlflow.db, mlruns/, optuna.journal, submissions/).")
 
 
-def _overrides(pairs: list[str]) -> dict:
-    from digitlab.config import parse_override
+def _keras_verbosity() -> int:
+    """Keras's progress bar on a terminal, a line per epoch in a log file."""
+    return 1 if sys.stdout.isatty() else 2
 
-    return dict(parse_override(p) for p in pairs)
+
+def _experiment_config(name: str, args):
+    """The experiment with --set overrides, then --epochs/--seed: each value checked."""
+    from digitlab import config
+
+    overrides = dict(config.parse_override(p) for p in args.set or [])
+    cfg = config.load_experiment(name, overrides)
+    options = {}
+    if args.epochs:  # 0 keeps the experiment's own (the MLproject default)
+        options["training.epochs"] = args.epochs
+    if args.seed is not None:
+        options["seed"] = args.seed
+    return config.apply_overrides(cfg, options) if options else cfg
 
 
-def _verbose() -> int:
-    return 1 if sys.stdout.isatty() else 2  # progress bars on a terminal, a line per epoch in logs
+def _browse(uri: str) -> str:
+    return f"browse it with: mlflow ui --backend-store-uri {uri}"
 
 
 def cmd_data(args) -> int:
@@ -32,59 +57,58 @@ def cmd_data(args) -> int:
     return 0
 
 
-def _experiment_config(name: str, args):
-    from digitlab import config
-
-    overrides = _overrides(args.set or [])
-    if args.epochs:  # 0 keeps the experiment's own (the MLproject default)
-        overrides["training.epochs"] = args.epochs
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    return config.load_experiment(name, overrides)
-
-
 def cmd_train(args) -> int:
-    from digitlab import data, tracking
+    from digitlab import data
 
-    cfg = _experiment_config(args.experiment, args)  # bad config or data: fail before any run
+    cfg = _experiment_config(args.experiment, args)
     dataset = data.load(args.data_dir)
+    console.import_backend()
+    from digitlab import tracking
+
     uri = tracking.configure()
-    run_id, result = tracking.train_tracked(cfg, dataset, verbose=_verbose())
-    print(f"\n{cfg.name}: best val_accuracy {result.best_val_accuracy:.4f}", end="")
+    run_id, result = tracking.train_tracked(cfg, dataset, verbose=_keras_verbosity())
+    line = f"{cfg.name}: best val_accuracy {result.best_val_accuracy:.4f}"
     if result.holdout_accuracy is not None:
-        print(f", holdout_accuracy {result.holdout_accuracy:.4f}", end="")
-    print(f"\nMLflow run {run_id} in {uri}\nbrowse it with: make ui  (or: mlflow ui --backend-store-uri {uri})")
+        line += f", holdout_accuracy {result.holdout_accuracy:.4f}"
+    print(f"{line}\nMLflow run {run_id} in {uri}\n{_browse(uri)}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from digitlab import compare, data, tracking
+    from digitlab import config, data
 
     names = [n for n in args.experiments.replace(",", " ").split() if n]
+    if names == ["all"]:
+        names = config.available_experiments()
     configs = [_experiment_config(n, args) for n in names]
     dataset = data.load(args.data_dir)
+    console.import_backend()
+    from digitlab import compare, tracking
+
     uri = tracking.configure()
-    table = compare.compare(configs, dataset, verbose=_verbose())
+    table = compare.compare(configs, dataset, verbose=_keras_verbosity())
     print()
-    print(table.drop(columns=["run_id"]).to_string(index=False))
+    print(table.drop(columns=["run_id"]).to_string(index=False, float_format="{:.4f}".format))
     print(f"\ncomparison logged to {uri}")
     return 0
 
 
 def cmd_search(args) -> int:
-    from digitlab import search
+    from digitlab import data, search
 
     settings = search.make_settings(
         args.space, engine=args.engine, trials=args.trials, max_epochs=args.max_epochs,
-        minutes=args.minutes, workers=args.workers, storage=args.storage or None, study=args.study or None,
-        data_dir=args.data_dir, seed=args.seed,
+        minutes=args.minutes, workers=args.workers, storage=args.storage or None,
+        study=args.study or None, data_dir=args.data_dir, seed=args.seed,
     )
-    summary = search.run(settings)
+    dataset = data.load(settings.data_dir)
+    console.import_backend()
+    summary = search.run(settings, dataset)
     if summary.get("already_finished"):
         return 0
     best = summary["best"]
     states = ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items()))
-    print(f"\nstudy {summary['study']}: {states}")
+    print(f"study {summary['study']}: {states}")
     if summary["out_of_time"]:
         # Said here because `promote --ensemble K` needs K completed trials, and on a slow
         # machine the budget may complete fewer: running the search again adds more.
@@ -95,16 +119,23 @@ def cmd_search(args) -> int:
     if best:
         print(f"best trial {best['number']}: {settings.space.metric} {best['value']:.4f} "
               f"(MLflow run {best['run_id']})")
-    print(f"parent MLflow run {summary['parent_run_id']}; browse it with: make ui")
+    print(f"parent MLflow run {summary['parent_run_id']}; next: digitlab promote")
     return 0
 
 
 def cmd_promote(args) -> int:
-    from digitlab import registry, tracking
+    from digitlab import data, registry
+
+    if args.min_delta is not None and not math.isfinite(args.min_delta):
+        raise UserError("--min-delta must be a finite number")
+    policy = registry.policy()
+    data.load(args.data_dir)
+    console.import_backend()
+    from digitlab import tracking
 
     tracking.configure()
     if args.rollback:
-        print(registry.rollback(registry.policy()))
+        print(registry.rollback(policy))
         return 0
     moved, message, version = registry.promote(
         search_run_id=args.search_run or None, run_id=args.run or None, ensemble=args.ensemble,
@@ -118,6 +149,11 @@ def cmd_promote(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    from digitlab import data, registry
+
+    registry.policy()
+    data.load(args.data_dir)
+    console.import_backend()
     from digitlab import submission, tracking
 
     tracking.configure()
@@ -145,42 +181,59 @@ def cmd_server(args) -> int:
                  artifacts_destination=args.artifacts_destination, auth=args.auth,
                  auth_db_uri=args.auth_db_uri or None, workers=args.workers or None,
                  allowed_hosts=args.allowed_hosts or None)
-    return 0  # not reached: serve() replaces this process
+    return 0
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="digitlab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's -v must not reset a -v given before the subcommand.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show library logs (TensorFlow, MLflow, Optuna) and per-epoch lines")
+    parser = argparse.ArgumentParser(prog="digitlab", description=DESCRIPTION, epilog=EPILOG,
+                                     parents=[common], formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func, description: str | None = None):
+        p = sub.add_parser(name, help=help, description=description or help, parents=[common],
+                           formatter_class=_Formatter)
+        p.set_defaults(func=func)
+        return p
 
     def data_dir(p):
         p.add_argument("--data-dir", default="data/digit-recognizer",
-                       help="Kaggle-layout or MNIST IDX directory (default: the embedded MNIST subset)")
+                       help="Kaggle-layout (train.csv, test.csv, optional solution.csv) or MNIST "
+                            "IDX directory; the default is created from the embedded MNIST subset")
 
     def training_options(p):
-        p.add_argument("--epochs", type=int, help="override training.epochs (0: the experiment's own)")
-        p.add_argument("--seed", type=int, help="override the experiment's seed")
+        p.add_argument("--epochs", type=int, default=0, help="epochs to train (0: the experiment's own)")
+        p.add_argument("--seed", type=int, help="seed (default: the experiment's)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set model.dropout=0.3 (repeatable)")
         data_dir(p)
 
-    p = sub.add_parser("data", help="write the embedded default data, or check a data directory")
+    p = command("data", "write the embedded MNIST subset in Kaggle layout, or check a data directory",
+                cmd_data)
     data_dir(p)
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("train", help="train one experiment, tracked in MLflow")
+    p = command("train", "train one experiment, tracked as an MLflow run", cmd_train)
     p.add_argument("--experiment", default="kaggle_cnn",
                    help="experiment name (experiments/NAME.yaml) or path to a YAML file")
     training_options(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="train several experiments under one parent run")
-    p.add_argument("--experiments", default=",".join(ALL_EXPERIMENTS),
-                   help="comma-separated experiment names (default: all seven)")
+    p = command("compare", "train several experiments under one parent run and chart them",
+                cmd_compare)
+    p.add_argument("--experiments", default="all",
+                   help="comma-separated experiment names, or 'all' for every experiment found")
     training_options(p)
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("search", help="run (or resume) a hyperparameter search")
-    p.add_argument("--space", default="search/default.yaml", help="search-space file")
+    p = command("search", "run (or resume) a hyperparameter search; every trial is an MLflow run",
+                cmd_search)
+    p.add_argument("--space", default="search/default.yaml",
+                   help="search file: a name (quick) or a path")
     p.add_argument("--engine", default="optuna", help="optuna or kerastuner")
     p.add_argument("--trials", type=int, default=0, help="trial budget in total (0: the file's)")
     p.add_argument("--max-epochs", type=int, default=0, help="epochs per trial at most (0: the file's)")
@@ -188,15 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no trial after this many minutes (0: the file's budget.minutes, if any)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
     p.add_argument("--storage", default="",
-                   help="Optuna storage: a journal file (default optuna.journal) or an RDB URL; "
-                        "KerasTuner: a directory (default kerastuner/)")
-    p.add_argument("--study", default="", help="study name (default: <space>-<engine>); same name resumes")
-    p.add_argument("--seed", type=int, default=42)
+                   help="Optuna: a journal file (empty: optuna.journal) or an RDB URL; "
+                        "KerasTuner: a directory (empty: kerastuner/)")
+    p.add_argument("--study", default="", help="study name (empty: <search file>-<engine>); "
+                                                "the same name resumes the study")
+    p.add_argument("--seed", type=int, default=42, help="study seed: samplers and the validation split")
     data_dir(p)
-    p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("promote", help="register the best model of a search and move the production alias")
-    p.add_argument("--search-run", default="", help="search parent run id (default: the latest search)")
+    p = command("promote", "register the best model of a search and move the production alias",
+                cmd_promote)
+    p.add_argument("--search-run", default="", help="search parent run id (empty: the latest search)")
     p.add_argument("--run", default="", help="promote this training or trial run instead")
     p.add_argument("--ensemble", type=int, default=1, help="average the top K trials of the search")
     p.add_argument("--tta", action="store_true", help="average predictions over one-pixel shifts")
@@ -205,16 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="move the aliases even if the gate says no")
     p.add_argument("--rollback", action="store_true", help="swap production and previous back")
     data_dir(p)
-    p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("submit", help="write a Kaggle submission from the production model")
-    p.add_argument("--model-uri", default="", help="default: models:/digit-recognizer@production")
-    p.add_argument("--output", default="", help="default: submissions/submission.csv")
+    p = command("submit", "write a Kaggle submission CSV from the production model", cmd_submit)
+    p.add_argument("--model-uri", default="",
+                   help="model to predict with (empty: models:/digit-recognizer@production)")
+    p.add_argument("--output", default="", help="CSV to write (empty: registry/policy.yaml's, "
+                                                "submissions/submission.csv)")
     p.add_argument("--kaggle-submit", action="store_true", help="upload with the kaggle command")
     data_dir(p)
-    p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("server", help="start a tracking server (PostgreSQL or SQLite backend)")
+    p = command("server", "start a shared MLflow tracking server (PostgreSQL or SQLite backend)",
+                cmd_server)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback requires authentication")
     p.add_argument("--port", type=int, default=5000)
@@ -223,20 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts-destination", default="mlartifacts",
                    help="where the server stores artifacts: a shared directory or s3://bucket/path")
     p.add_argument("--auth", action="store_true", help="basic auth even on loopback")
-    p.add_argument("--auth-db-uri", default="", help="user database (default: SQLite beside the server)")
-    p.add_argument("--workers", type=int, default=0, help="server worker processes")
+    p.add_argument("--auth-db-uri", default="", help="user database (empty: SQLite beside the server)")
+    p.add_argument("--workers", type=int, default=0, help="server worker processes (0: MLflow's)")
     p.add_argument("--allowed-hosts", default="", help="host names clients use to reach the server")
-    p.set_defaults(func=cmd_server)
 
-    p = sub.add_parser("score", help="score a submission against a solution file, as Kaggle would")
-    p.add_argument("submission")
-    p.add_argument("solution")
-    p.set_defaults(func=cmd_score)
+    p = command("score", "score a submission against a solution file, as Kaggle does", cmd_score)
+    p.add_argument("submission", help="ImageId,Label CSV")
+    p.add_argument("solution", help="ImageId,Label CSV with the true labels")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.setup(True if getattr(args, "verbose", False) else None)  # None: DIGITLAB_VERBOSE
     try:
         return args.func(args)
     except UserError as exc:

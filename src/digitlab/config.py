@@ -8,6 +8,7 @@ same checks as the file: unknown keys and wrong types are errors, never ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +17,8 @@ from typing import Any
 
 import yaml
 
+from digitlab import resources
 from digitlab.errors import ConfigError
-
-EXPERIMENTS_DIR = Path("experiments")
 
 
 @dataclass
@@ -168,13 +168,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan pass every range check that follows
+                raise ConfigError(f"{where}: {value!r} is not a finite number")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -286,21 +291,13 @@ def apply_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> Expe
 
 
 def experiment_path(name_or_path: str) -> Path:
-    """An experiment by name (`basic_cnn` -> experiments/basic_cnn.yaml) or by path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        candidates = [path]
-    else:
-        candidates = [EXPERIMENTS_DIR / f"{name_or_path}.yaml"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    known = ", ".join(available_experiments()) or "none found"
-    raise ConfigError(f"experiment {name_or_path!r} not found (available: {known})")
+    """An experiment by name (`basic_cnn`: experiments/basic_cnn.yaml here, else the
+    shipped copy) or by path."""
+    return resources.find("experiments", name_or_path)
 
 
 def available_experiments() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    return resources.available("experiments")
 
 
 def read_mapping(path: Path) -> dict[str, Any]:

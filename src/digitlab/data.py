@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 
 from digitlab.errors import DataError
 
+log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path("data/digit-recognizer")
 N_PIXELS = 784
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(N_PIXELS)]
@@ -192,6 +194,17 @@ def read_csv_cached(path: Path, expected: list[str]) -> np.ndarray:
     A cache entry is only written after validation succeeded, so loading one
     needs no new checks beyond its shape; a damaged entry is ignored.
     """
+    values, pending = _read_csv_caching(path, expected)
+    _write_cache(pending)
+    return values
+
+
+def _read_csv_caching(path: Path, expected: list[str]) -> tuple[np.ndarray, tuple | None]:
+    """The values from the cache or the file, and the cache entry still to write (or None).
+
+    The entry is handed back rather than written so that a directory is checked whole
+    before anything lands in it: a good train.csv beside a bad test.csv leaves no cache.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     key = _file_digest(path)
@@ -199,15 +212,21 @@ def read_csv_cached(path: Path, expected: list[str]) -> np.ndarray:
     try:
         values = np.load(cache, allow_pickle=False)
         if values.ndim == 2 and values.shape[1] == len(expected) and values.dtype == np.uint8:
-            return values.astype(np.int64)
+            return values.astype(np.int64), None
     except (OSError, ValueError):
         pass
     values = read_csv(path, expected)
+    return values, (cache, values)
+
+
+def _write_cache(pending: tuple | None) -> None:
+    if pending is None:
+        return
+    cache, values = pending
     try:
         atomic_write_bytes(cache, _npy_bytes(values.astype(np.uint8)))
     except OSError:
         pass  # a read-only data directory only loses the cache
-    return values
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -219,8 +238,13 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def load_kaggle_dir(data_dir: Path) -> DigitData:
-    train = read_csv_cached(data_dir / "train.csv", TRAIN_HEADER)
-    test = read_csv_cached(data_dir / "test.csv", PIXEL_COLUMNS)
+    """train.csv, test.csv and solution.csv when present, all validated before any cache
+    entry is written (`nothing is created` from a directory that fails)."""
+    for name in ("train.csv", "test.csv"):  # before parsing a large train.csv in vain
+        if not (data_dir / name).is_file():
+            raise DataError(f"{data_dir / name}: file not found")
+    train, train_cache = _read_csv_caching(data_dir / "train.csv", TRAIN_HEADER)
+    test, test_cache = _read_csv_caching(data_dir / "test.csv", PIXEL_COLUMNS)
     solution_path = data_dir / "solution.csv"
     test_labels = None
     if solution_path.exists():
@@ -231,6 +255,8 @@ def load_kaggle_dir(data_dir: Path) -> DigitData:
                 f"{solution_path}: ImageId must run 1..{len(test)} in order, one per test.csv row"
             )
         test_labels = solution[:, 1]
+    _write_cache(train_cache)
+    _write_cache(test_cache)
     train_labels = train[:, 0]
     return DigitData(
         train_images=to_images(train[:, 1:]),
@@ -383,10 +409,45 @@ def load(data_dir: str | Path | None = None) -> DigitData:
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: not a directory")
     if (data_dir / "train.csv").exists() or (data_dir / "test.csv").exists():
-        return load_kaggle_dir(data_dir)
-    if _find_idx(data_dir, IDX_FILES["train_images"]):
-        return load_idx_dir(data_dir)
-    raise DataError(f"{data_dir}: holds neither train.csv/test.csv nor MNIST IDX files")
+        loaded = load_kaggle_dir(data_dir)
+    elif _find_idx(data_dir, IDX_FILES["train_images"]):
+        loaded = load_idx_dir(data_dir)
+    else:
+        raise DataError(f"{data_dir}: holds neither train.csv/test.csv nor MNIST IDX files")
+    _warn_missing_classes(loaded)
+    return loaded
+
+
+def _warn_missing_classes(data: DigitData) -> None:
+    """Legal data, but a model trained on it can never predict the absent digits."""
+    missing = sorted(set(range(10)) - set(np.unique(data.train_labels).tolist()))
+    if missing:
+        log.warning("%s: the training images hold no digit %s; a model trained on them "
+                    "never predicts %s", data.source, ", ".join(map(str, missing)),
+                    "it" if len(missing) == 1 else "them")
+
+
+def check_split(data: DigitData, fraction: float) -> None:
+    """Raise DataError unless `split(data, fraction, seed)` leaves images of every class on
+    both sides, whatever the seed.
+
+    `split` puts max(1, round(fraction * n)) of a class's n images into validation, so the
+    rule is: every class present needs at least 2 images, and after the validation share
+    at least one stays for training. (A class that is absent is only warned about, on
+    loading.) Callers run this before they open an MLflow run; `train.run` runs it too.
+    """
+    if len(data.train_labels) == 0:
+        raise DataError(f"{data.source}: no training images")
+    classes, counts = np.unique(data.train_labels, return_counts=True)
+    for c, n in zip(classes.tolist(), counts.tolist(), strict=True):
+        held_out = max(1, round(fraction * n))
+        if n - held_out < 1:
+            plural = "image" if n == 1 else "images"
+            raise DataError(
+                f"{data.source}: digit {c} has {n} training {plural} and the validation split "
+                f"(fraction {fraction:g}) takes {held_out}, leaving none to train on; every "
+                "digit needs at least 2 images, and more for a larger validation fraction"
+            )
 
 
 def split(data: DigitData, fraction: float, seed: int) -> Split:

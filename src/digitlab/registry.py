@@ -24,8 +24,6 @@ from mlflow.entities import Run
 from digitlab import data as data_mod
 from digitlab.errors import UserError
 
-POLICY_FILE = Path("registry/policy.yaml")
-
 
 @dataclass(frozen=True)
 class Policy:
@@ -39,13 +37,17 @@ class Policy:
 
 
 def policy() -> Policy:
-    if not POLICY_FILE.exists():
+    """registry/policy.yaml of the working directory, else the shipped one."""
+    from digitlab import resources
+
+    path = resources.optional("registry", "policy.yaml")
+    if path is None:
         return Policy()
-    raw = yaml.safe_load(POLICY_FILE.read_text()) or {}
+    raw = yaml.safe_load(path.read_text()) or {}
     known = set(Policy.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise UserError(f"{POLICY_FILE}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
     return Policy(**raw)
 
 

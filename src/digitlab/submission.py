@@ -40,6 +40,12 @@ def read_submission(path: Path, expected_rows: int | None = None) -> np.ndarray:
         if header.split(",")[0].strip().lstrip("-").isdigit():
             raise SubmissionError(f"{path}: line 1: no header; expected {HEADER}")
         raise SubmissionError(f"{path}: line 1: header is {header!r}; expected {HEADER}")
+    n = len(lines) - 1
+    if n == 0:
+        raise SubmissionError(f"{path}: no rows after the header")
+    # Every ImageId is checked against the rows the file should have before it is stored:
+    # the ids index an array of that size, never one as large as the largest id written.
+    limit = expected_rows if expected_rows is not None else n
     ids, labels = [], []
     for number, line in enumerate(lines[1:], start=2):
         cells = [c.strip() for c in line.split(",")]
@@ -48,29 +54,29 @@ def read_submission(path: Path, expected_rows: int | None = None) -> np.ndarray:
         for column, cell in zip(("ImageId", "Label"), cells, strict=True):
             if not cell.lstrip("-").isdigit():
                 raise SubmissionError(f"{path}: line {number}, column {column}: {cell!r} is not an integer")
+            if len(cell.lstrip("-")) > 18:  # beyond any row count and int64; int() of it is slow
+                raise SubmissionError(f"{path}: line {number}, column {column}: {cell[:24]}... is "
+                                      f"outside {'1..' + str(limit) if column == 'ImageId' else '0-9'}")
         image_id, label = int(cells[0]), int(cells[1])
         if not 0 <= label <= 9:
             raise SubmissionError(f"{path}: line {number}, column Label: {label} is outside 0-9")
         ids.append(image_id)
         labels.append(label)
     ids_array = np.array(ids, dtype=np.int64)
-    n = len(ids)
-    if n == 0:
-        raise SubmissionError(f"{path}: no rows after the header")
     if ids_array.min() == 0:
-        raise SubmissionError(f"{path}: ImageId starts at 0; Kaggle's ImageId runs 1..{expected_rows or n}")
-    seen = np.zeros(max(n, int(ids_array.max())) + 1, dtype=bool)
+        raise SubmissionError(f"{path}: ImageId starts at 0; Kaggle's ImageId runs 1..{limit}")
+    if n != limit:
+        raise SubmissionError(f"{path}: {n} rows, expected {expected_rows} (one per test image)")
+    seen = np.zeros(limit + 1, dtype=bool)
     for number, image_id in enumerate(ids, start=2):
         if image_id < 1:
             raise SubmissionError(f"{path}: line {number}, column ImageId: {image_id} is below 1")
-        if image_id < len(seen) and seen[image_id]:
+        if image_id > limit:
+            raise SubmissionError(f"{path}: line {number}, column ImageId: {image_id} is outside "
+                                  f"1..{limit} (one ImageId per test image)")
+        if seen[image_id]:
             raise SubmissionError(f"{path}: line {number}, column ImageId: {image_id} is duplicated")
         seen[image_id] = True
-    if expected_rows is not None and n != expected_rows:
-        raise SubmissionError(f"{path}: {n} rows, expected {expected_rows} (one per test image)")
-    missing = np.flatnonzero(~seen[1 : n + 1])
-    if len(missing):
-        raise SubmissionError(f"{path}: ImageId {missing[0] + 1} is missing")
     order = np.argsort(ids_array)
     return np.array(labels, dtype=np.int64)[order]
 

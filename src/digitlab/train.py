@@ -19,11 +19,7 @@ from digitlab import data as data_mod
 from digitlab import models, runtime
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData, Split
-
-# `loss` adds the L2 penalty to the cross-entropy, so it cannot compare runs with different
-# L2; `crossentropy` is the data term alone, the finer-grained measure of validation fit.
-EPOCH_METRICS = ("loss", "accuracy", "crossentropy", "val_loss", "val_accuracy", "val_crossentropy",
-                 "learning_rate")
+from digitlab.metrics import EPOCH_METRICS
 
 
 @dataclass

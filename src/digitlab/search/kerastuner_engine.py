@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from digitlab import console
 from digitlab.data import atomic_write_bytes
 from digitlab.errors import SearchFailed, UserError
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIRECTORY = "kerastuner"
 
@@ -155,7 +159,7 @@ class KerasTunerEngine:
         self._save()
         return recovered
 
-    def work(self, data, parent_run_id: str, experiment_id: str, verbose: int | str = 2) -> None:
+    def work(self, data, parent_run_id: str, experiment_id: str) -> None:
         self.data, self.parent, self.experiment_id = data, parent_run_id, experiment_id
         try:
             self.tuner.search()
@@ -170,8 +174,8 @@ class KerasTunerEngine:
         space = self.settings.space
         values = {p.key: trial.hyperparameters.get(p.key) for p in space.params}
         epochs = trial.hyperparameters.values.get("tuner/epochs")
-        print(f"\n[kerastuner] trial {trial.trial_id}: {values}"
-              + (f" for {epochs} epochs" if epochs else ""), flush=True)
+        log.info("trial %s: %s%s", trial.trial_id, console.values(values),
+                 f" for {epochs} epochs" if epochs else "")
 
         def started(run_id: str) -> None:
             previous = self.state.get("interrupted", {}).get(trial.trial_id)
@@ -186,7 +190,9 @@ class KerasTunerEngine:
             space, values, data=self.data, seed=self.settings.seed, engine=self.name,
             number=int(trial.trial_id), parent_run_id=self.parent, experiment_id=self.experiment_id,
             epochs=int(epochs) if epochs else None, on_start=started,
+            verbose=2 if console.verbose() else 0,
         )
+        trial_mod.log_outcome(space.metric, trial.trial_id, outcome)
         if outcome.state != trial_mod.COMPLETE:
             raise RuntimeError(outcome.error or "trial failed")  # KerasTuner marks it FAILED
         return {space.metric: outcome.value}

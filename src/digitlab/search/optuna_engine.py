@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import threading
@@ -20,10 +21,15 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from digitlab import console
 from digitlab.errors import SearchFailed, UserError
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
 from digitlab.search.space import Param
+
+log = logging.getLogger(__name__)
+if not console.verbose():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and the like
 
 DEFAULT_STORAGE = "optuna.journal"
 # A trial left RUNNING by a dead process is failed with this reason and retried once.
@@ -296,7 +302,7 @@ class OptunaEngine:
 
     # --- the worker loop ---------------------------------------------------------
 
-    def work(self, data, parent_run_id: str, experiment_id: str, verbose: int | str = 2) -> None:
+    def work(self, data, parent_run_id: str, experiment_id: str) -> None:
         space = self.settings.space
         failures_in_a_row = 0
         while (trial := self._reserve()) is not None:
@@ -308,15 +314,16 @@ class OptunaEngine:
                 trial.report(value, step)
                 return trial.should_prune()
 
-            print(f"\n[optuna] trial {trial.number}: {values}", flush=True)
+            log.info("trial %d: %s", trial.number, console.values(values))
             with self.heartbeat(trial):
                 outcome = trial_mod.run_trial(
                     space, values, data=data, seed=self.settings.seed, engine=self.name,
                     number=trial.number, parent_run_id=parent_run_id, experiment_id=experiment_id,
                     report=report,
                     on_start=lambda run_id, trial=trial: trial.set_user_attr("mlflow_run_id", run_id),
-                    verbose=verbose,
+                    verbose=2 if console.verbose() else 0,
                 )
+            trial_mod.log_outcome(space.metric, trial.number, outcome)
             if outcome.state == trial_mod.COMPLETE:
                 self.study.tell(trial, outcome.value)
                 failures_in_a_row = 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from digitlab.errors import UserError
+from digitlab.search import space as space_mod
 from digitlab.search.space import SearchSpace
 
 ENGINES = ("optuna", "kerastuner")
@@ -32,3 +34,23 @@ class Settings:
     @property
     def max_epochs(self) -> int:
         return self.space.max_epochs
+
+
+def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
+                  max_epochs: int | None = None, minutes: float | None = None, workers: int = 1, storage: str | None = None,
+                  study: str | None = None, data_dir: str | None = None, seed: int = 42) -> Settings:
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if engine == "kerastuner" and workers > 1:
+        raise UserError("the kerastuner engine runs one worker; use --engine optuna for --workers > 1")
+    for option, value in (("--trials", trials), ("--max-epochs", max_epochs), ("--minutes", minutes)):
+        if value is not None and (value < 0 or value != value or value == float("inf")):
+            raise UserError(f"{option} must be a positive number (0: the search file's)")
+    # Budget options take the place of the file's values before the file is checked, so
+    # they meet the same rules (e.g. optuna.min_epochs <= budget.max_epochs).
+    budget = {"trials": trials or None, "max_epochs": max_epochs or None, "minutes": minutes or None}
+    space: SearchSpace = space_mod.load(space_path, {k: v for k, v in budget.items() if v})
+    return Settings(space=space, engine=engine, study=study or f"{space.name}-{engine}",
+                    storage=storage, workers=workers, data_dir=data_dir, seed=seed)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from digitlab import config as config_mod
+from digitlab import resources
 from digitlab.errors import ConfigError
-from digitlab.train import EPOCH_METRICS
-
-OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m != "learning_rate")
+from digitlab.metrics import OBJECTIVE_METRICS
 
 ARCHITECTURE_KEY = "experiment"
 OPTUNA_SAMPLERS = ("tpe", "random")
@@ -122,6 +122,8 @@ def _param(key: str, spec: Any, where: str) -> Param:
         low, high = float(spec["low"]), float(spec["high"])
     except (KeyError, TypeError, ValueError):
         raise ConfigError(f"{where}: {kind} needs numeric low and high") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{where}: low and high must be finite numbers")
     log = spec.get("log", False)
     step = spec.get("step")
     if not isinstance(log, bool):
@@ -162,11 +164,13 @@ def _samples(p: Param) -> list[Any]:
     return [p.low, p.high]
 
 
-def load(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    if not path.is_file():
-        known = ", ".join(sorted(str(p) for p in Path("search").glob("*.yaml"))) or "none found"
-        raise ConfigError(f"{path}: search-space file not found (available: {known})")
+def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """A search file by name (`quick`) or path, found as `resources.find` finds it.
+
+    `budget_overrides` (trials, max_epochs, minutes from the command line) replace the
+    file's budget before the checks, so they meet the same rules as the file's values.
+    """
+    path = resources.find("search", str(name_or_path))
     raw = config_mod.read_mapping(path)
     known_sections = {"description", "experiments", "experiment", "objective", "budget", "optuna",
                       "kerastuner", "fixed", "space", "start", "max_consecutive_failures"}
@@ -181,6 +185,8 @@ def load(path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: 'experiments' must name one experiment or a list of them")
     objective = raw.get("objective") or {}
     budget = raw.get("budget") or {}
+    if isinstance(budget, dict) and budget_overrides:
+        budget = {**budget, **budget_overrides}
     optuna_opts = raw.get("optuna") or {}
     kt_opts = raw.get("kerastuner") or {}
     fixed = raw.get("fixed") or {}

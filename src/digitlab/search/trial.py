@@ -5,6 +5,7 @@ recorded as one MLflow run nested under the search's parent run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,3 +125,12 @@ def _end(handle, state: str, value, epochs: int, error: str | None = None) -> Ou
         print(f"trial failed: {error}", flush=True)
     handle.status = RUN_STATUS[state]
     return Outcome(state, value, handle.run_id, epochs, error)
+
+
+def log_outcome(metric: str, number: int | str, outcome: Outcome) -> None:
+    """One line per finished trial (the progress bar shows the count and the best)."""
+    value = f" {metric} {outcome.value:.4f}" if outcome.value is not None else ""
+    reason = f": {outcome.error}" if outcome.error else ""
+    logging.getLogger("digitlab.search").info(
+        "trial %s %s after %d epoch%s%s%s", number, outcome.state, outcome.epochs,
+        "" if outcome.epochs == 1 else "s", value, reason)
