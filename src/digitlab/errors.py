@@ -13,6 +13,15 @@ class ConfigError(UserError):
     """An experiment file or an override is invalid."""
 
 
+class TrainingFailed(UserError):
+    """Training ran to its end but diverged or learnt nothing (`train.Result.failure`); its
+    run ended FAILED. `reason` is the short tag (`diverged`, `no better than chance`)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class Terminated(BaseException):
     """SIGTERM, raised as an exception so that an MLflow run ends KILLED, not RUNNING."""
 

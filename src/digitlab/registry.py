@@ -103,7 +103,11 @@ def select(client: MlflowClient, experiment_ids: list[str], search_run_id: str |
     """The member runs of the candidate (one, or the top K of a search) and their search."""
     if run_id:
         run = client.get_run(run_id)
-        parent_id = run.data.tags.get("mlflow.parentRunId")
+        tags = run.data.tags
+        if run.info.status == "FAILED" or tags.get("trial_state") == "FAIL":
+            why = one_line(tags.get("error") or tags.get("fail_reason") or "no reason recorded")
+            raise UserError(f"run {run_id} failed ({why}); a failed run is never promoted")
+        parent_id = tags.get("mlflow.parentRunId")
         return [run], client.get_run(parent_id) if parent_id else None
     search_run = client.get_run(search_run_id) if search_run_id else latest_search_run(client, experiment_ids)
     trials = ranked_trials(client, search_run)
@@ -126,6 +130,24 @@ def keras_file(run_id: str) -> str:
     if not found:
         raise UserError(f"run {run_id}: logged model holds no .keras file")
     return str(found[0])
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """The first line of an error, short enough for the CLI's one-line message."""
+    lines = str(text).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def check_member_loads(path: str, run_id: str) -> None:
+    """A member's .keras file must load before it is packaged: a damaged one is named by run."""
+    import keras
+
+    try:
+        keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise UserError(f"run {run_id}: its logged model cannot be loaded ({type(exc).__name__}: "
+                        f"{one_line(exc)}); nothing registered, aliases unchanged") from None
 
 
 # --- evaluating through the serving path -------------------------------------------
@@ -194,20 +216,27 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         for i, member in enumerate(members):
             target = Path(tmp) / f"member_{i}.keras"
             shutil.copyfile(keras_file(member.info.run_id), target)
+            check_member_loads(str(target), member.info.run_id)
             artifacts[f"member_{i}"] = str(target)
         kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
         with tracking.run(f"promote-{members[0].info.run_name}",
                           tags={"digitlab.kind": "promote", "source_key": key}):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=serving.__file__, artifacts=artifacts,
-                model_config={"tta": tta}, input_example=example,
-                signature=infer_signature(example, pd.DataFrame(
-                    {"label": [0], **{f"prob_{k}": [0.1] for k in range(10)}}).astype(
-                    {"label": "int64", **{f"prob_{k}": "float32" for k in range(10)}})),
-                pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
-            )
-            model = mlflow.pyfunc.load_model(info.model_uri)
-            metrics = evaluate(model, members, dataset, pol.batch_size)
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=serving.__file__, artifacts=artifacts,
+                    model_config={"tta": tta}, input_example=example,
+                    signature=infer_signature(example, pd.DataFrame(
+                        {"label": [0], **{f"prob_{k}": [0.1] for k in range(10)}}).astype(
+                        {"label": "int64", **{f"prob_{k}": "float32" for k in range(10)}})),
+                    pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
+                )
+                model = mlflow.pyfunc.load_model(info.model_uri)
+                metrics = evaluate(model, members, dataset, pol.batch_size)
+            except Exception as exc:  # the packaged model fails where the members loaded
+                runs = ", ".join(m.info.run_id for m in members)
+                raise UserError(f"the serving model of run{'s' if len(members) > 1 else ''} {runs} "
+                                f"failed to package or predict ({type(exc).__name__}: "
+                                f"{one_line(exc)}); nothing registered, aliases unchanged") from None
             mlflow.log_metrics(metrics)
     version = mlflow.register_model(info.model_uri, pol.model_name)
     best = members[0]
@@ -247,8 +276,8 @@ def load_check(name: str, version: str, dataset: data_mod.DigitData, rows: int) 
             raise ValueError(f"predicted {labels!r}")
     except Exception as exc:
         MlflowClient().set_model_version_tag(name, version, "load_check", "failed")
-        raise UserError(f"version {version} failed its load check ({type(exc).__name__}: {exc}); "
-                        "aliases unchanged") from None
+        raise UserError(f"version {version} failed its load check ({type(exc).__name__}: "
+                        f"{one_line(exc)}); aliases unchanged") from None
     MlflowClient().set_model_version_tag(name, version, "load_check", "passed")
 
 
@@ -302,15 +331,28 @@ def gate_and_move(candidate, pol: Policy, min_delta: float, force: bool) -> tupl
     return True, f"version {candidate.version} is now {pol.production_alias}{replaced}"
 
 
-def rollback(pol: Policy) -> str:
+def rollback(pol: Policy, data_dir: str | None = None) -> str:
+    """Swap production and previous back, once the version that returns has passed the same
+    load check a promotion gets (its files may have changed since it was production)."""
     client = MlflowClient()
     name = pol.model_name
-    with alias_lock(name):
+
+    def aliased():
         production = current(client, name, pol.production_alias)
         previous = current(client, name, pol.previous_alias)
         if production is None or previous is None:
             raise UserError(f"nothing to roll back to: {name} needs both "
                             f"{pol.production_alias} and {pol.previous_alias} aliases")
+        return production, previous
+
+    aliased()  # before the data are loaded (the default directory is written on first use)
+    dataset = data_mod.load(data_dir)
+    with alias_lock(name):
+        production, previous = aliased()
+        try:
+            load_check(name, previous.version, dataset, pol.load_check_rows)
+        except UserError as exc:
+            raise UserError(f"cannot roll back: {exc}") from None
         client.set_registered_model_alias(name, pol.production_alias, previous.version)
         client.set_registered_model_alias(name, pol.previous_alias, production.version)
     return (f"{pol.production_alias} is version {previous.version} again; "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -95,10 +97,31 @@ def score(submission: Path, solution: Path) -> float:
     return float(np.mean(predicted == truth))
 
 
+# A writer holds its temporary file for well under a second (28,000 rows written, then read
+# back); one untouched for this long belongs to a writer that was killed before it could
+# remove it. Age, not a pid in the name: the folder may be shared by several machines.
+STALE_TEMPORARY_SECONDS = 60
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the `.{name}.*.tmp` files that killed writers of `path` left beside it."""
+    removed = []
+    now = time.time()
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - candidate.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                candidate.unlink()
+                removed.append(candidate)
+        except FileNotFoundError:
+            pass  # another writer removed it first
+    return removed
+
+
 def write(labels: np.ndarray, path: Path) -> None:
     """Write atomically: a temporary file beside the target, validated, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as f:

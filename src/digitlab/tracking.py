@@ -270,10 +270,22 @@ def git_commit() -> str | None:
 
 def train_tracked(config: ExperimentConfig, data: DigitData, nested: bool = False,
                   verbose: int | str = "auto") -> tuple[str, train.Result]:
-    """One tracked training run: setup logged first, then `train.run`, then the results."""
+    """One tracked training run: setup logged first, then `train.run`, then the results.
+
+    A run that diverged or learnt nothing (`train.Result.failure`, the same judgement a
+    search trial gets) keeps its curves but no model, is tagged `fail_reason` and `error`,
+    and ends FAILED with `TrainingFailed`.
+    """
+    from digitlab.errors import TrainingFailed
+
     with run(config.name, nested=nested) as active:
         log_setup(config, data)
         logger = EpochLogger(active.run_id)
         result = train.run(config, data, callbacks=[logger], verbose=verbose)
-        log_result(result)
+        failure = result.failure
+        log_result(result, with_model=failure is None)
+        if failure is not None:
+            mlflow.set_tags({"fail_reason": failure.reason, "error": failure.message[:5000]})
+            raise TrainingFailed(f"{config.name}: {failure.message}; run {active.run_id} ended "
+                                 "FAILED, without a model", failure.reason)
         return active.run_id, result

@@ -11,6 +11,7 @@ import collections
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -20,6 +21,28 @@ from digitlab import models, runtime
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData, Split
 from digitlab.metrics import EPOCH_METRICS
+
+DIVERGED = "diverged"
+NO_BETTER_THAN_CHANCE = "no better than chance"
+# The loss a run minimises falls, epoch by epoch, unless the optimiser is stepping past
+# the minima; a last epoch ten times worse than the first is that, not noise.
+LOSS_EXPLOSION_FACTOR = 10.0
+# How far above always answering the most common digit a model must score. A model that
+# has learnt digits at all is far above that after one epoch on MNIST-size data, and on a
+# validation set of a few dozen images (one image is 3 points) this is about two standard
+# errors of a guesser's score.
+CHANCE_MARGIN = 0.1
+
+
+class Failure(NamedTuple):
+    """Why a finished training run is no usable result: `reason` is a short tag, `message`
+    the sentence for people."""
+
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -59,6 +82,41 @@ class Result:
         """Mean cross-entropy of the returned model on the validation split."""
         picked = self.val_probabilities[np.arange(len(self.split.val_labels)), self.split.val_labels]
         return float(-np.mean(np.log(np.maximum(picked, 1e-7))))  # Keras clips at 1e-7 too
+
+    @property
+    def failure(self) -> Failure | None:
+        """Why this run must not count as a result (None when it may): the one judgement
+        that a search trial and a plain `digitlab train` both apply.
+
+        - diverged: the loss became NaN or infinite, or the last epoch's loss is more than
+          LOSS_EXPLOSION_FACTOR times the first epoch's;
+        - no better than chance: the returned model neither picks the right digit clearly
+          more often than always answering the most common one (CHANCE_MARGIN), nor gives
+          it more probability than a uniform guess (cross-entropy below ln K). The second
+          half spares a model that is still learning: a few epochs on little data can
+          leave its accuracy near chance while its probabilities already beat a guess,
+          whereas a diverged one is confidently wrong and a stuck one stays at ln K.
+        """
+        losses = self.history.get("loss", [])
+        if self.diverged or any(not math.isfinite(v) for v in losses):
+            return Failure(DIVERGED, f"diverged: the loss became non-finite at epoch "
+                                     f"{self.epochs_trained}")
+        if len(losses) >= 2 and losses[-1] > LOSS_EXPLOSION_FACTOR * losses[0]:
+            return Failure(DIVERGED, f"diverged: the loss rose from {losses[0]:.4g} in epoch 1 "
+                                     f"to {losses[-1]:.4g} in epoch {len(losses)}")
+        labels = self.split.val_labels
+        if len(labels) == 0:
+            return None
+        counts = np.bincount(labels)
+        chance = counts.max() / len(labels)
+        uniform = math.log(np.count_nonzero(counts))
+        accuracy, crossentropy = self.val_accuracy, self.val_crossentropy
+        if accuracy <= chance + CHANCE_MARGIN and not crossentropy < uniform:
+            return Failure(NO_BETTER_THAN_CHANCE,
+                           f"no better than chance: validation accuracy {accuracy:.3f} (always "
+                           f"answering the most common digit scores {chance:.3f}) and "
+                           f"cross-entropy {crossentropy:.3f} (a uniform guess scores {uniform:.3f})")
+        return None
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -177,6 +235,7 @@ def run(
     verbose: int | str = "auto",
 ) -> Result:
     """Build, compile and fit the experiment; evaluate on validation and, if known, holdout."""
+    data_mod.check_split(data, config.training.validation_fraction)  # callers check first too
     runtime.seed_everything(config.seed)
     split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
 

@@ -104,24 +104,36 @@ def run_trial(
         try:
             result = train.run(config, data, callbacks=callbacks, verbose=verbose)
         except Exception as exc:  # the search goes on; this trial alone fails
-            return _end(handle, FAIL, None, 0, f"{type(exc).__name__}: {exc}")
-        if result.diverged:
-            return _end(handle, FAIL, None, result.epochs_trained,
-                        f"loss became non-finite at epoch {result.epochs_trained}")
+            return _end(handle, FAIL, None, 0, f"{type(exc).__name__}: {exc}",
+                        reason=type(exc).__name__)
+        pruned = hook is not None and hook.pruned_at is not None
+        failure = result.failure
+        # A pruned trial is never ranked, and after its few epochs it may fairly still be
+        # near chance; its reported values are what the pruner learns from, so only a
+        # diverged one fails.
+        if failure is not None and not (pruned and failure.reason != train.DIVERGED):
+            # Curves and confusion matrix show what went wrong; no model, so that nothing
+            # can register it.
+            tracking.log_result(result, with_model=False)
+            return _end(handle, FAIL, None, result.epochs_trained, failure.message,
+                        reason=failure.reason)
         value = objective_value(space, result)
         if value is None:
-            return _end(handle, FAIL, None, result.epochs_trained, f"no finite {space.metric}")
-        pruned = hook is not None and hook.pruned_at is not None
+            return _end(handle, FAIL, None, result.epochs_trained, f"no finite {space.metric}",
+                        reason=f"no finite {space.metric}")
         tracking.log_result(result, with_model=not pruned)
         mlflow.log_metric("objective", value)
         state = PRUNED if pruned else COMPLETE
         return _end(handle, state, value, result.epochs_trained)
 
 
-def _end(handle, state: str, value, epochs: int, error: str | None = None) -> Outcome:
+def _end(handle, state: str, value, epochs: int, error: str | None = None,
+         reason: str | None = None) -> Outcome:
     mlflow.set_tag("trial_state", state)
     if error:
         mlflow.set_tag("error", error[:5000])
+        # The short tag to filter failed trials by (tags.fail_reason = 'diverged').
+        mlflow.set_tag("fail_reason", (reason or "error")[:250])
         print(f"trial failed: {error}", flush=True)
     handle.status = RUN_STATUS[state]
     return Outcome(state, value, handle.run_id, epochs, error)
