@@ -72,6 +72,7 @@ def test_unknown_experiment_lists_the_available_ones(workdir):
 
 
 def test_unknown_key_in_file_is_an_error(workdir):
+    (workdir / "experiments").mkdir()
     (workdir / "experiments" / "bad.yaml").write_text("model:\n  filtres: [3]\n")
     with pytest.raises(ConfigError, match="bad.yaml: model: unknown key 'filtres'"):
         config.load_experiment("bad")

@@ -32,7 +32,6 @@ def searched(tmp_path_factory, tiny_dir):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     try:
         (root / "space.yaml").write_text(SPACE)
-        shutil.copytree(REPO / "experiments", root / "experiments")
         assert cli.main(["search", "--space", "space.yaml", "--data-dir", str(tiny_dir)]) == 0
     finally:
         os.chdir(old)
