@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: setup data train compare search test bench lint ui clean
+.PHONY: setup demo data train compare search test test-slow test-all bench lint ui clean
 
 $(BIN)/digitlab: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,13 @@ $(BIN)/digitlab: pyproject.toml
 	touch $@
 
 setup: $(BIN)/digitlab
+
+# The whole loop in a few minutes on the embedded data: a small search, promote, submit, score.
+demo: setup
+	$(BIN)/digitlab search --space search/quick.yaml $(ARGS)
+	$(BIN)/digitlab promote
+	$(BIN)/digitlab submit
+	$(BIN)/digitlab score submissions/submission.csv data/digit-recognizer/solution.csv
 
 data: setup
 	$(BIN)/digitlab data $(ARGS)
@@ -27,7 +34,15 @@ compare: setup
 search: setup
 	$(BIN)/digitlab search $(ARGS)
 
+# The test suite without its slow tier (PostgreSQL tests skip, with the reason, when none runs).
 test: setup
+	$(BIN)/pytest -m "not slow" $(ARGS)
+
+# The slow tier alone (every experiment through `mlflow run`, long searches), and everything.
+test-slow: setup
+	$(BIN)/pytest -m slow $(ARGS)
+
+test-all: setup
 	$(BIN)/pytest $(ARGS)
 
 # Speed and accuracy figures: one table, plus benchmarks/results.json. ARGS=--quick for a smoke test.

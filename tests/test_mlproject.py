@@ -13,12 +13,13 @@ from mlflow import MlflowClient
 from tests.conftest import EXPERIMENTS, REPO, TINY_SPACE
 
 
-def mlflow_run(workdir: Path, entry: str, *params: str,
-               experiment: str | None = "digit-recognizer") -> subprocess.CompletedProcess:
-    for name in ("MLproject", "conda.yaml"):
+def mlflow_run(workdir: Path, entry: str, *params: str, experiment: str | None = "digit-recognizer",
+               env_manager: str = "local", project: str = ".") -> subprocess.CompletedProcess:
+    for name in ("MLproject", "python_env.yaml", "conda.yaml"):
         shutil.copy(REPO / name, workdir / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    args = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local"]
+    args = [str(Path(sys.executable).parent / "mlflow"), "run", project, "-e", entry,
+            "--env-manager", env_manager]
     if experiment:
         args += ["--experiment-name", experiment]
     for p in params:
@@ -54,6 +55,38 @@ def test_search_then_promote_without_naming_an_experiment(workdir, tiny_dir):
                                    filter_string="tags.search_study LIKE '%'")
     version = MlflowClient().get_model_version_by_alias("digit-recognizer", "production")
     assert version.tags["search_run_id"] == search.info.run_id
+
+
+def test_values_with_dollar_space_and_quote_arrive_intact(workdir, tiny_dir):
+    """MLflow shell-quotes every -P value: the MLproject commands must not quote them again."""
+    (workdir / "space.yaml").write_text(TINY_SPACE)
+    study = "it's $HOME's study"
+    storage = workdir / "a folder with spaces" / "my $tudy's.journal"
+    proc = mlflow_run(workdir, "search", "space=space.yaml", f"data_dir={tiny_dir}", "trials=1",
+                      "max_epochs=1", f"study={study}", f"storage={storage}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert storage.is_file()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    (parent,) = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list",
+                                   filter_string="tags.search_study LIKE '%'")
+    assert parent.data.tags["search_study"] == study
+    assert parent.info.run_name == study
+
+
+@pytest.mark.slow
+def test_search_entry_point_in_a_uv_environment(workdir, tiny_dir):
+    """`--env-manager uv` builds python_env.yaml's environment (the project and its
+    dependencies) and runs the entry point in it."""
+    (workdir / "space.yaml").write_text(TINY_SPACE)
+    proc = mlflow_run(workdir, "search", f"space={workdir / 'space.yaml'}", f"data_dir={tiny_dir}",
+                      "trials=1", "max_epochs=1", f"storage={workdir / 'optuna.journal'}",
+                      env_manager="uv", project=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    (parent,) = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list",
+                                   filter_string="tags.search_study LIKE '%'")
+    assert parent.data.tags["mlflow.project.env"] == "uv"
+    assert parent.data.tags["search_study"] == "space-optuna"
 
 
 @pytest.mark.slow

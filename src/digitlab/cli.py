@@ -62,6 +62,7 @@ def cmd_train(args) -> int:
 
     cfg = _experiment_config(args.experiment, args)
     dataset = data.load(args.data_dir)
+    data.check_split(dataset, cfg.training.validation_fraction)
     console.import_backend()
     from digitlab import tracking
 
@@ -82,6 +83,8 @@ def cmd_compare(args) -> int:
         names = config.available_experiments()
     configs = [_experiment_config(n, args) for n in names]
     dataset = data.load(args.data_dir)
+    for cfg in configs:
+        data.check_split(dataset, cfg.training.validation_fraction)
     console.import_backend()
     from digitlab import compare, tracking
 
@@ -94,7 +97,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from digitlab import data, search
+    from digitlab import config, data, search
 
     settings = search.make_settings(
         args.space, engine=args.engine, trials=args.trials, max_epochs=args.max_epochs,
@@ -102,6 +105,9 @@ def cmd_search(args) -> int:
         study=args.study or None, data_dir=args.data_dir, seed=args.seed,
     )
     dataset = data.load(settings.data_dir)
+    for name in settings.space.experiments:
+        fraction = config.load_experiment(name, settings.space.fixed).training.validation_fraction
+        data.check_split(dataset, fraction)
     console.import_backend()
     summary = search.run(settings, dataset)
     if summary.get("already_finished"):
@@ -135,7 +141,7 @@ def cmd_promote(args) -> int:
 
     tracking.configure()
     if args.rollback:
-        print(registry.rollback(policy))
+        print(registry.rollback(policy, data_dir=args.data_dir))
         return 0
     moved, message, version = registry.promote(
         search_run_id=args.search_run or None, run_id=args.run or None, ensemble=args.ensemble,
