@@ -10,10 +10,14 @@ lets anyone read, write and delete runs and models.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from digitlab.errors import UserError
@@ -87,8 +91,8 @@ def command(host: str, port: int, backend_store_uri: str, artifacts_destination:
 def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str = "sqlite:///mlflow.db",
           artifacts_destination: str = "mlartifacts", auth: bool = False,
           auth_db_uri: str | None = None, workers: int | None = None,
-          allowed_hosts: str | None = None, state_dir: str = ".mlflow-server") -> None:
-    """Replace this process with the configured `mlflow server` (signals reach it directly)."""
+          allowed_hosts: str | None = None, state_dir: str = ".mlflow-server") -> int:
+    """Run the configured `mlflow server` until it stops; returns its exit status."""
     auth = check_auth_settings(host, auth)
     env = dict(os.environ)
     if auth:
@@ -98,4 +102,84 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str = "s
         artifacts_destination = str(Path(artifacts_destination).resolve())
     args = command(host, port, backend_store_uri, artifacts_destination, auth, workers, allowed_hosts)
     print(f"starting: {' '.join(args)}" + (" (basic auth on)" if auth else ""), flush=True)
-    os.execve(args[0], args, env)
+    return run_as_session(args, env)
+
+
+# --- the server's process tree ---------------------------------------------------------
+#
+# `mlflow server` starts uvicorn (or gunicorn) with its workers and a job runner with its
+# huey consumers, and on SIGTERM it exits without stopping the consumers: they outlive it,
+# holding the store open. So the server runs as a child in a session of its own; a signal
+# to this process goes to every process of that session, and whatever is still there when
+# the server has exited is stopped too. (Within one session, because a process group is
+# easily left: a session is only left by setsid, which none of them calls.)
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How long the processes get to shut down cleanly after a signal before they are killed.
+STOP_GRACE_SECONDS = 10.0
+
+
+def session_members(session: int) -> list[int]:
+    """The live (not zombie) processes of a session, from /proc; [] where there is none."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == session:
+            members.append(int(entry.name))
+    return members
+
+
+def signal_session(session: int, signum: int) -> None:
+    """Send `signum` to the session's process group and to any member that left the group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(session, signum)
+    for pid in session_members(session):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def stop_session(session: int, grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM to what is left of the session, then SIGKILL to what outlives the grace time."""
+    if not session_members(session):
+        return
+    signal_session(session, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while session_members(session) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_session(session, signal.SIGKILL)
+
+
+def run_as_session(args: list[str], env: dict) -> int:
+    """Run `args` as the leader of a new session until it exits; stop the session's other
+    processes then. SIGTERM, SIGINT and SIGHUP are passed on to the whole session; a
+    session that has not ended STOP_GRACE_SECONDS after one is killed."""
+    child = subprocess.Popen(args, env=env, start_new_session=True)
+    session = child.pid
+    stopping_since: list[float] = []
+
+    def forward(signum, frame):
+        stopping_since.append(time.monotonic())
+        signal_session(session, signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stopping_since and time.monotonic() - stopping_since[0] > STOP_GRACE_SECONDS:
+                    signal_session(session, signal.SIGKILL)
+        stop_session(session)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:  # this process is failing: leave nothing behind
+            signal_session(session, signal.SIGKILL)
+            child.wait()
+    return 128 - code if code < 0 else code
