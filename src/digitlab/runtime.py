@@ -90,10 +90,9 @@ def mixed_policy() -> str:
     """The policy that `training.mixed_precision` asks for on this machine.
 
     float16 on a GPU; bfloat16 on a CPU with hardware bfloat16 under TensorFlow,
-    whose oneDNN kernels then run the convolutions in bfloat16 (a step of the
-    default search's CNN took 2.4 times less than in float32 with AMX, 1.5 times
-    less with AVX-512 BF16); float32 elsewhere, where half precision would only
-    lose accuracy.
+    whose oneDNN kernels then run the convolutions in bfloat16, several times faster
+    than float32 with AMX and faster with AVX-512 BF16 (benchmarks/bench_train.py);
+    float32 elsewhere, where half precision would only lose accuracy.
     """
     if device_name() != "CPU":
         return "mixed_float16"

@@ -63,7 +63,7 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
                 # heartbeats let a worker on another machine notice a dead one's trial
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                    grace_period=grace, failed_trial_callback=_stale_trial_failed,
+                    grace_period=grace, heartbeat_stale_trial_callback=_stale_trial_failed,
                 )
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 # workers starting together race to create the tables: the loser retries
@@ -102,9 +102,9 @@ def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) ->
 
 def _sampler(settings: Settings, trial_number: int) -> optuna.samplers.BaseSampler:
     """The sampler that draws one trial's values, seeded by the study's seed and the trial's
-    number. Seeded by the study's seed alone, every process's sampler starts from the same
-    state: a second worker, or the same command resuming the study, drew the very values of
-    the trials before it (seen: a resumed default search retrained trials 1 and 2 as 4 and 5).
+    number. Seeded by the study's seed alone, every process's sampler would start from the
+    same state, so a second worker, or the same command resuming the study, would draw the
+    very values of the trials before it.
     """
     seed = int(np.random.SeedSequence([settings.seed % 2**32, trial_number]).generate_state(1)[0])
     if settings.space.sampler == "random":
@@ -177,6 +177,7 @@ class OptunaEngine:
             self.study.set_user_attr("space_fingerprint", space.fingerprint())
             self.study.set_user_attr("space_path", space.path)
             self.study.set_user_attr("engine", self.name)
+            self.study.set_metric_names([space.metric])  # named in optuna-dashboard and plots
             if space.start:  # the first trial of a new study; TPE samples any key not given
                 self.study.enqueue_trial({k: trial_mod.encode(v) for k, v in space.start.items()},
                                          skip_if_exists=True)

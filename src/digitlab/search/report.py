@@ -16,7 +16,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from digitlab import registry, tracking
+from digitlab import console, registry, tracking
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
 from digitlab.search.space import Param
@@ -55,8 +55,59 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
             client.log_param(run_id, key, str(value))
     client.set_tag(run_id, "engine", settings.engine)
     client.set_tag(run_id, "search_study", settings.study)
+    client.set_tag(run_id, "reproduce", reproduce_command(settings))
+    client.set_tag(run_id, "mlflow.source.name", "digitlab search")
+    client.set_tag(run_id, "mlflow.note.content", describe(settings))
     client.log_artifact(run_id, space.path)
     return run_id, experiment_id
+
+
+def reproduce_command(settings: Settings) -> str:
+    """The command that runs this study again (or resumes it: the same study name)."""
+    import shlex
+
+    space = settings.space
+    words = ["digitlab", "search", "--space", space.path, "--engine", settings.engine,
+             "--trials", str(settings.trials), "--max-epochs", str(settings.max_epochs)]
+    if space.minutes:
+        words += ["--minutes", f"{space.minutes:g}"]
+    words += ["--seed", str(settings.seed), "--study", settings.study]
+    if settings.storage:
+        words += ["--storage", settings.storage]
+    if settings.workers > 1:
+        words += ["--workers", str(settings.workers)]
+    if settings.data_dir:
+        words += ["--data-dir", str(settings.data_dir)]
+    return shlex.join(words)
+
+
+def _range(p: Param) -> str:
+    if p.kind == "categorical":
+        return f"{p.key} in {{{', '.join(map(str, p.choices))}}}"
+    return f"{p.key} {p.kind} {p.low:g}-{p.high:g}" + (" (log)" if p.log else "")
+
+
+def describe(settings: Settings, best: dict | None = None) -> str:
+    """The parent run's description (Markdown): what the study searches, how, and its best."""
+    space = settings.space
+    engine = (f"Optuna, {space.sampler} sampler, {space.pruner} pruner" if settings.engine == "optuna"
+              else f"KerasTuner, {space.tuner} tuner")
+    budget = f"{settings.trials} trials of up to {settings.max_epochs} epochs"
+    if space.minutes:
+        budget += f", none started after {space.minutes:g} minutes"
+    lines = [f"**{settings.study}**" + (f": {space.description}" if space.description else ""),
+             "",
+             f"- experiments: {', '.join(space.experiments)}",
+             f"- objective: {space.direction} {space.metric}",
+             f"- engine: {engine}",
+             f"- budget: {budget}",
+             f"- space: {'; '.join(_range(p) for p in space.params)}",
+             f"- reproduce: `{reproduce_command(settings)}`"]
+    if best:
+        values = console.values({k.removeprefix("params."): v for k, v in best.items()
+                                 if k.startswith("params.") and v is not None})
+        lines.append(f"- best: trial {best['number']}, {space.metric} {best['value']:.4f} ({values})")
+    return "\n".join(lines)
 
 
 def end_trial_run_killed(run_id: str) -> None:
@@ -120,6 +171,11 @@ def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str
         client.log_metric(parent_run_id, f"best_{space.metric}", float(best["value"]))
         client.log_metric(parent_run_id, "best_value", float(best["value"]))
         client.set_tag(parent_run_id, "best_trial_number", str(best["number"]))
+        for key, value in best.items():
+            if key.startswith("params.") and value is not None:
+                client.set_tag(parent_run_id, f"best.{key.removeprefix('params.')}",
+                               console.number(value))
+        client.set_tag(parent_run_id, "mlflow.note.content", describe(settings, best))
         if best.get("run_id"):
             client.set_tag(parent_run_id, "best_run_id", best["run_id"])
     states = pd.Series([r["state"] for r in rows]).value_counts().to_dict() if rows else {}
@@ -135,6 +191,7 @@ def _plots(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
+    _interactive_plots(client, run_id, study)
     plots = {
         "plots/optimization_history.png": ovm.plot_optimization_history,
         "plots/param_importances.png": ovm.plot_param_importances,
@@ -154,3 +211,22 @@ def _plots(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
             figure.tight_layout()
             client.log_figure(run_id, figure, path)
             plt.close(figure)
+
+
+def _interactive_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
+    """Optuna's plotly figures in one HTML artifact that the MLflow artifact viewer renders.
+
+    plotly.js is embedded once (no CDN: the UI may have no network), the figures follow."""
+    from optuna import visualization as ov
+
+    parts = []
+    for plot in (ov.plot_optimization_history, ov.plot_param_importances,
+                 ov.plot_parallel_coordinate, ov.plot_slice):
+        try:
+            figure = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError):
+            continue  # e.g. importances need two trials with differing parameters
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=not parts))
+    if parts:
+        client.log_text(run_id, "<html><head><meta charset='utf-8'></head><body>"
+                        + "".join(parts) + "</body></html>", "plots/search.html")

@@ -43,6 +43,7 @@ class Param:
 class SearchSpace:
     path: str
     experiments: tuple[str, ...]
+    description: str = ""
     metric: str = "val_accuracy"
     direction: str = "maximize"
     trials: int = 10
@@ -76,9 +77,6 @@ class SearchSpace:
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.direction == "maximize" else a < b
-
     def overrides(self, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Sampled values -> (experiment name, config overrides) for `train.run`."""
         values = dict(values)
@@ -90,10 +88,9 @@ class SearchSpace:
                      epochs: int | None = None):
         """Trial `number` of a study with `seed`: every trial is scored on the study seed's
         validation split, and trains from its own seed (seed + number): its own initial
-        weights, batch order and augmentation. Models that differ only in hyperparameters
-        make the same mistakes: in the default study, the top-3 ensemble of same-seed
-        trials scored their median (98.8%), that of own-seed trials 99.0% against a
-        median of 98.85% (README, Performance)."""
+        weights, batch order and augmentation: models that differ only in hyperparameters
+        but share a seed make the same mistakes, which leaves an ensemble of them nothing
+        to average out."""
         experiment, overrides = self.overrides(values)
         if epochs is not None:
             overrides["training.epochs"] = epochs
@@ -206,6 +203,7 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
     result = SearchSpace(
         path=str(path),
         experiments=tuple(experiments),
+        description=str(raw.get("description") or ""),
         metric=objective.get("metric", "val_accuracy"),
         direction=objective.get("direction", "maximize"),
         trials=budget.get("trials", 10),
