@@ -1,5 +1,6 @@
 """Promotion, submission, scoring and serving against a real SQLite MLflow registry."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -189,6 +190,65 @@ def test_gate_force_and_rollback(store, tiny_dir, capsys):
     assert MlflowClient().get_model_version_by_alias("digit-recognizer", "previous").version == 2
 
 
+def local_path(uri: str) -> Path:
+    """An artifact location of the local store as a path (these tests damage its files)."""
+    if uri.startswith("file://"):
+        uri = urllib.request.url2pathname(uri.removeprefix("file://"))
+    assert Path(uri).is_dir(), uri
+    return Path(uri)
+
+
+@contextlib.contextmanager
+def damaged(folder: Path):
+    """Every .keras file under `folder` overwritten on disk, as the copy in the fixture's
+    shared store is, and put back afterwards for the other tests."""
+    files = sorted(folder.rglob("*.keras"))
+    assert files, folder
+    saved = {f: f.read_bytes() for f in files}
+    try:
+        for f in files:
+            f.write_bytes(b"not a keras archive")
+        yield
+    finally:
+        for f, content in saved.items():
+            f.write_bytes(content)
+
+
+def test_rollback_onto_a_version_that_no_longer_loads_changes_nothing(store, tiny_dir, capsys):
+    ranked, _ = trials()
+    assert promote(tiny_dir, "--run", ranked[-1].info.run_id) == 0
+    assert promote(tiny_dir, "--run", ranked[0].info.run_id, "--force") == 0
+    client = MlflowClient()
+    assert str(production().version) == "2"
+    location = local_path(client.get_model_version_download_uri("digit-recognizer", "1"))
+    capsys.readouterr()
+    with damaged(location):
+        assert promote(tiny_dir, "--rollback") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "cannot roll back: version 1 failed its load check" in err
+    assert str(production().version) == "2"
+    assert client.get_model_version_by_alias("digit-recognizer", "previous").version == 1
+    assert client.get_model_version("digit-recognizer", "1").tags["load_check"] == "failed"
+    assert cli.main(["submit", "--data-dir", str(tiny_dir)]) == 0  # production still serves
+
+
+def test_a_damaged_trial_model_is_a_one_line_error_even_forced(store, tiny_dir, capsys):
+    ranked, _ = trials()
+    assert promote(tiny_dir, "--run", ranked[0].info.run_id) == 0
+    victim = ranked[-1].info.run_id
+    (logged,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{victim}'",
+                                            output_format="list")
+    capsys.readouterr()
+    with damaged(local_path(logged.artifact_location)):
+        assert promote(tiny_dir, "--run", victim, "--force") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"run {victim}: its logged model cannot be loaded" in err
+    assert str(production().version) == "1"
+    assert len(MlflowClient().search_model_versions("name = 'digit-recognizer'")) == 1
+
+
 def test_gate_compares_holdout_accuracy_on_the_same_data(store, tiny_dir):
     ranked, _ = trials()
     assert promote(tiny_dir, "--run", ranked[0].info.run_id) == 0
@@ -295,7 +355,7 @@ GOOD = "ImageId,Label\n1,3\n2,5\n3,0\n"
         ("ImageId,Label\n0,3\n1,5\n2,0\n", "ImageId starts at 0"),
         ("ImageId,Label\n1,3\n1,5\n3,0\n", "line 3, column ImageId: 1 is duplicated"),
         ("ImageId,Label\n1,3\n2,5\n", "2 rows, expected 3"),
-        ("ImageId,Label\n1,3\n2,5\n4,0\n", "ImageId 3 is missing"),
+        ("ImageId,Label\n1,3\n2,5\n4,0\n", "line 4, column ImageId: 4 is outside 1..3"),
         ("ImageId,Label\n1,3\n2,5.0\n3,0\n", "line 3, column Label: '5.0' is not an integer"),
         ("ImageId,Label\n1,3\n2,15\n3,0\n", "line 3, column Label: 15 is outside 0-9"),
         ("ImageId,Label\n1,3,4\n2,5\n3,0\n", "line 2: 3 fields"),
