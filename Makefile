@@ -52,9 +52,9 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
-# The MLflow UI on the same store that the commands write to.
+# The MLflow UI on the same store that the commands write to; prints the experiment's URL.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(BIN)/digitlab ui $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -190,6 +190,25 @@ def cmd_server(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    import os
+    import shutil
+
+    console.import_backend()
+    from digitlab import tracking
+
+    uri = tracking.configure()
+    if uri.startswith(("http://", "https://")):
+        print(f"the tracking server at {uri} serves the UI itself: "
+              f"{uri.rstrip('/')}/#/experiments/{tracking.experiment_id()}/runs")
+        return 0
+    url = tracking.ui_url(args.host, args.port, tracking.experiment_id())
+    print(f"MLflow UI for {uri}, experiment {tracking.experiment_name()!r}:\n  {url}", flush=True)
+    mlflow_cli = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    os.execv(mlflow_cli, [mlflow_cli, "ui", "--backend-store-uri", uri, "--host", args.host,
+                          "--port", str(args.port)])
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -287,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-db-uri", default="", help="user database (empty: SQLite beside the server)")
     p.add_argument("--workers", type=int, default=0, help="server worker processes (0: MLflow's)")
     p.add_argument("--allowed-hosts", default="", help="host names clients use to reach the server")
+
+    p = command("ui", "start the MLflow UI on this folder's store and print the experiment's URL",
+                cmd_ui)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
 
     p = command("score", "score a submission against a solution file, as Kaggle does", cmd_score)
     p.add_argument("submission", help="ImageId,Label CSV")

@@ -42,12 +42,14 @@ def configure() -> str:
     if uri.startswith(("http://", "https://")):
         check_server(uri)
     if os.environ.get("MLFLOW_RUN_ID"):
+        mark_model_training(experiment_id())
         return uri
     if chosen_id := _chosen_experiment_id():
         try:
             mlflow.set_experiment(experiment_id=chosen_id)
         except mlflow.exceptions.MlflowException as exc:  # unknown, malformed or deleted
             raise UserError(f"MLFLOW_EXPERIMENT_ID={chosen_id}: {exc.message}") from None
+        mark_model_training(chosen_id)
         return uri
     name = experiment_name()
     before = os.environ.get("MLFLOW_EXPERIMENT_ID")
@@ -62,7 +64,28 @@ def configure() -> str:
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     else:
         os.environ["MLFLOW_EXPERIMENT_ID"] = before
+    mark_model_training(experiment_id())
     return uri
+
+
+# The MLflow 3 UI opens an experiment as a GenAI one (traces, evaluation runs) unless its
+# kind tag says model training; then it lands on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def mark_model_training(experiment: str | None) -> None:
+    if not experiment:
+        return
+    client = mlflow.MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment).tags:
+        client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
+def ui_url(host: str, port: int, experiment: str) -> str:
+    """The experiment's training-runs page; `workflowType` overrides a browser that last
+    showed the GenAI view (the UI keeps that choice in its local storage)."""
+    return f"http://{host}:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 def _chosen_experiment_id() -> str | None:
