@@ -91,7 +91,7 @@ def test_finished_study_again_does_nothing(space_file, tiny_dir, capsys):
     before = len(runs())
     capsys.readouterr()
     assert cli.main(search_args(space_file, tiny_dir, "--trials", "1")) == 0
-    assert "already finished" in capsys.readouterr().out
+    assert "already finished" in capsys.readouterr().err
     assert len(runs()) == before
 
 
@@ -277,8 +277,10 @@ def test_nan_loss_fails_trials_and_stops_after_consecutive_failures(workdir, tin
         assert child.data.tags["trial_state"] == "FAIL"
         assert child.info.status == "FAILED"
         assert "non-finite" in child.data.tags["error"]
-        assert "objective" not in child.data.metrics
-        assert "best_val_accuracy" not in child.data.metrics
+        assert child.data.tags["fail_reason"] == "diverged"
+        assert "objective" not in child.data.metrics  # never ranked
+        assert not mlflow.search_logged_models(filter_string=f"source_run_id = '{child.info.run_id}'",
+                                               output_format="list")  # never promoted
     assert parents[0].info.status == "FAILED"
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from digitlab import console
-from digitlab.errors import SearchFailed, Terminated, UserError
+from digitlab.errors import SearchFailed, Terminated, TrainingFailed, UserError
 
 DESCRIPTION = (
     "Train, search, promote and submit Keras CNNs for Kaggle's Digit Recognizer (MNIST), "
@@ -183,11 +183,10 @@ def cmd_score(args) -> int:
 def cmd_server(args) -> int:
     from digitlab import server
 
-    server.serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
-                 artifacts_destination=args.artifacts_destination, auth=args.auth,
-                 auth_db_uri=args.auth_db_uri or None, workers=args.workers or None,
-                 allowed_hosts=args.allowed_hosts or None)
-    return 0
+    return server.serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
+                        artifacts_destination=args.artifacts_destination, auth=args.auth,
+                        auth_db_uri=args.auth_db_uri or None, workers=args.workers or None,
+                        allowed_hosts=args.allowed_hosts or None)
 
 
 def cmd_ui(args) -> int:
@@ -323,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     console.setup(True if getattr(args, "verbose", False) else None)  # None: DIGITLAB_VERBOSE
     try:
         return args.func(args)
+    except TrainingFailed as exc:  # a FAILED run exists: not bad input
+        print(f"digitlab: training failed: {exc}", file=sys.stderr)
+        return 1
     except UserError as exc:
         print(f"digitlab: error: {exc}", file=sys.stderr)
         return 2

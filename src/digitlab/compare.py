@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import mlflow
 import pandas as pd
 
 from digitlab import plots, tracking
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData
+from digitlab.errors import TrainingFailed
+
+log = logging.getLogger(__name__)
 
 
 def compare(configs: list[ExperimentConfig], data: DigitData, name: str = "compare",
@@ -19,8 +24,12 @@ def compare(configs: list[ExperimentConfig], data: DigitData, name: str = "compa
                            "data.digest": data.digest})
         mlflow.set_tag("data_digest", data.digest)
         for config in configs:
-            print(f"--- {config.name} ---", flush=True)
-            run_id, result = tracking.train_tracked(config, data, nested=True, verbose=verbose)
+            log.info("--- %s ---", config.name)
+            try:
+                run_id, result = tracking.train_tracked(config, data, nested=True, verbose=verbose)
+            except TrainingFailed as exc:  # its run ended FAILED; the others still compare
+                log.warning("%s: %s", config.name, exc)
+                continue
             rows.append(
                 {
                     "experiment": config.name,
@@ -33,6 +42,8 @@ def compare(configs: list[ExperimentConfig], data: DigitData, name: str = "compa
                     "train_seconds": round(result.train_seconds, 2),
                 }
             )
+        if not rows:
+            raise TrainingFailed("every experiment failed to train", "all failed")
         table = pd.DataFrame(rows)
         mlflow.log_text(table.to_csv(index=False), "comparison.csv")
         tracking.log_figure(plots.comparison(rows), "plots/comparison.png")
