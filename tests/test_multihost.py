@@ -477,7 +477,8 @@ def test_one_search_spread_over_two_hosts(cluster, monkeypatch):
     lines = (cluster.host_dir("c") / "submissions" / "submission.csv").read_text().splitlines()
     assert lines[0] == "ImageId,Label" and len(lines) == 51
     version = client.get_model_version_by_alias("digit-recognizer", "production")
-    assert version.run_id in {c.info.run_id for c in children}
+    assert version.tags["search_run_id"] == parents[0].info.run_id
+    assert version.tags["members"] in {c.info.run_id for c in children}
 
 
 def test_a_lost_host_is_retried_on_another(cluster, monkeypatch):
