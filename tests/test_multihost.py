@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -346,9 +347,10 @@ def cluster(netns_available, database, tmp_path, tiny_dir):
     this machine's side of it. Everything is torn down, processes first, even on failure."""
     with contextlib.ExitStack() as stack:
         lan = make_lan(stack)
-        forwarder = Forwarder(lan.host_ip, ("127.0.0.1", int(PG.rsplit(":", 1)[1])))
+        pg = urllib.parse.urlsplit(PG)
+        forwarder = Forwarder(lan.host_ip, (pg.hostname or "127.0.0.1", pg.port or 5432))
         stack.callback(forwarder.stop)
-        pg_user = PG.split("://", 1)[1].rsplit("@", 1)[0]
+        pg_user = pg.netloc.rsplit("@", 1)[0] if "@" in pg.netloc else ""
         optuna_db, mlflow_db, auth_db = database(), database(), database()
 
         port = free_port(lan.host_ip)
@@ -378,7 +380,7 @@ def cluster(netns_available, database, tmp_path, tiny_dir):
         wait_healthy(tracking_uri, server, log)
         yield Cluster(
             lan=lan, root=tmp_path, tracking_uri=tracking_uri,
-            storage=f"postgresql://{pg_user}@{lan.host_ip}:{forwarder.port}/{optuna_db}",
+            storage=f"postgresql://{pg_user}{'@' if pg_user else ''}{lan.host_ip}:{forwarder.port}/{optuna_db}",
             storage_port=forwarder.port, local_storage=f"{PG}/{optuna_db}", artifacts=artifacts, data=tiny_dir,
         )
 
