@@ -16,15 +16,15 @@ ROWS = 28_000
 def measure(quick: bool) -> list[Row]:
     from mlflow import MlflowClient
 
-    from digitlab import config, data, registry, submission, tracking
+    from digitlab import config, data, registry, store, submission, tracked
 
     repeats = 1 if quick else 3
     experiment = "dnn" if quick else "kaggle_cnn"
     with scratch("inference") as root:
         dataset = data.load()
-        tracking.configure()
-        run_id, _ = tracking.train_tracked(config.load_experiment(experiment, {"training.epochs": 1}),
-                                           dataset, verbose=0)
+        store.configure()
+        run_id, _, _ = tracked.tracked_run(
+            config.load_experiment(experiment, {"training.epochs": 1}), dataset, verbose=0)
         version = registry.register([MlflowClient().get_run(run_id)], None, False, dataset,
                                     registry.policy())
         big = Path(root) / "kaggle-size"

@@ -40,7 +40,7 @@ def throughput(epochs: int, repeats: int) -> tuple[float, float, float, float]:
     """Images/s of ours and of a plain fit, their ratio, and tracking's share of fit time (%)."""
     import keras
 
-    from digitlab import config, data, models, runtime, tracking, train
+    from digitlab import config, data, models, runtime, store, tracking, train
 
     with scratch("train"):
         dataset = data.load()
@@ -51,21 +51,25 @@ def throughput(epochs: int, repeats: int) -> tuple[float, float, float, float]:
                                                     "training.reduce_lr.enabled": False})
         split = data.split(dataset, cfg.training.validation_fraction, cfg.seed)
         images = len(split.train_labels) * epochs
-        tracking.configure()
+        store.configure()
         logging_seconds = []
 
-        class CountingLogger(tracking.EpochLogger):
-            def on_epoch_end(self, epoch, logs=None):
+        def counting(run_id: str):
+            log = tracking.epoch_logger(run_id)
+
+            def timed(epoch: int, metrics: dict) -> None:
                 start = time.perf_counter()
-                super().on_epoch_end(epoch, logs)
+                log(epoch, metrics)
                 logging_seconds.append(time.perf_counter() - start)
+
+            return timed
 
         fit_seconds = {"ours": [], "plain": []}
 
         def ours():
-            with tracking.run("bench-train") as run:
+            with tracking.open_run("bench-train") as run:
                 tracking.log_setup(cfg, dataset)
-                result = train.run(cfg, dataset, callbacks=[CountingLogger(run.run_id)], verbose=0)
+                result = train.run(cfg, dataset, on_epoch=counting(run.run_id), verbose=0)
             fit_seconds["ours"].append(result.train_seconds)
 
         def plain():

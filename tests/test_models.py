@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from digitlab import config, data, models, runtime, train
+from digitlab import config, data, metrics, models, runtime, train
 from tests.conftest import EXPERIMENTS
 
 # Pinned so that an accidental architecture change fails loudly.
@@ -57,7 +57,7 @@ def test_each_experiment_trains_one_epoch(name, workdir, tiny_dir):
     cfg = config.load_experiment(name, {"training.epochs": 1})
     result = train.run(cfg, data.load(tiny_dir), verbose=0)
     assert result.epochs_trained == 1
-    assert set(result.history) == set(train.EPOCH_METRICS)
+    assert set(result.history) == set(metrics.EPOCH_METRICS)
     assert 0.0 <= result.best_val_accuracy <= 1.0
     # Measured on the returned model, it agrees with what Keras logged for the last epoch.
     assert result.val_crossentropy == pytest.approx(result.history["val_crossentropy"][-1], rel=1e-3)

@@ -173,10 +173,10 @@ def test_same_seed_samples_the_same_parameters_in_order(space_file, tiny_dir):
 
 
 def test_a_pruned_trial_is_visibly_pruned(workdir, tiny_dir, space_file):
-    from digitlab import data, tracking
+    from digitlab import data, store
     from digitlab.search import space
 
-    tracking.configure()
+    store.configure()
     parent = MlflowClient().create_run(
         mlflow.get_experiment_by_name("digit-recognizer").experiment_id).info.run_id
     s = space.load(space_file)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from digitlab import cli, tracking
+from digitlab import cli, store, tracking
 
 
 def only_run(experiment="digit-recognizer"):
@@ -204,7 +204,7 @@ def test_runs_go_to_the_experiment_named_by_mlflow_experiment_id(workdir, tiny_d
     assert cli.main(["train", "--experiment", "dnn", "--epochs", "1", "--data-dir", str(tiny_dir)]) == 0
     assert len(only_run("mine")) == 1
     assert mlflow.get_experiment_by_name("digit-recognizer") is None
-    assert tracking.experiment_id() == chosen
+    assert store.experiment_id() == chosen
 
 
 def test_an_unknown_mlflow_experiment_id_is_a_one_line_error(workdir, tiny_dir, monkeypatch, capsys):
@@ -220,12 +220,12 @@ def test_an_unknown_mlflow_experiment_id_is_a_one_line_error(workdir, tiny_dir, 
 def test_configure_leaves_no_experiment_id_for_the_next_store(workdir, tmp_path, monkeypatch):
     """MLflow's set_experiment exports the id; left there, a second configure in the same
     process, for another store, would take it for the user's choice."""
-    tracking.configure()
+    store.configure()
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ
-    assert tracking.experiment_id() == mlflow.get_experiment_by_name("digit-recognizer").experiment_id
+    assert store.experiment_id() == mlflow.get_experiment_by_name("digit-recognizer").experiment_id
     other = tmp_path / "other"
     other.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'mlflow.db'}")
     MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).create_experiment("first-here")  # takes id 1
-    tracking.configure()
-    assert mlflow.get_experiment(tracking.experiment_id()).name == "digit-recognizer"
+    store.configure()
+    assert mlflow.get_experiment(store.experiment_id()).name == "digit-recognizer"

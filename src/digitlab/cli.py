@@ -64,10 +64,10 @@ def cmd_train(args) -> int:
     dataset = data.load(args.data_dir)
     data.check_split(dataset, cfg.training.validation_fraction)
     console.import_backend()
-    from digitlab import tracking
+    from digitlab import store, tracked
 
-    uri = tracking.configure()
-    run_id, result = tracking.train_tracked(cfg, dataset, verbose=_keras_verbosity())
+    uri = store.configure()
+    run_id, result, _ = tracked.tracked_run(cfg, dataset, verbose=_keras_verbosity())
     line = f"{cfg.name}: best val_accuracy {result.best_val_accuracy:.4f}"
     if result.holdout_accuracy is not None:
         line += f", holdout_accuracy {result.holdout_accuracy:.4f}"
@@ -86,9 +86,9 @@ def cmd_compare(args) -> int:
     for cfg in configs:
         data.check_split(dataset, cfg.training.validation_fraction)
     console.import_backend()
-    from digitlab import compare, tracking
+    from digitlab import compare, store
 
-    uri = tracking.configure()
+    uri = store.configure()
     table = compare.compare(configs, dataset, verbose=_keras_verbosity())
     print()
     print(table.drop(columns=["run_id"]).to_string(index=False, float_format="{:.4f}".format))
@@ -137,9 +137,9 @@ def cmd_promote(args) -> int:
     policy = registry.policy()
     data.load(args.data_dir)
     console.import_backend()
-    from digitlab import tracking
+    from digitlab import store
 
-    tracking.configure()
+    store.configure()
     if args.rollback:
         print(registry.rollback(policy, data_dir=args.data_dir))
         return 0
@@ -160,9 +160,9 @@ def cmd_submit(args) -> int:
     registry.policy()
     data.load(args.data_dir)
     console.import_backend()
-    from digitlab import submission, tracking
+    from digitlab import store, submission
 
-    tracking.configure()
+    store.configure()
     result = submission.submit(model_uri=args.model_uri or None, data_dir=args.data_dir,
                                output=args.output or None, kaggle_submit=args.kaggle_submit)
     print(f"wrote {result['path']}: {result['rows']} rows from {result['model_uri']}"
@@ -193,16 +193,15 @@ def cmd_ui(args) -> int:
     import os
     import shutil
 
-    console.import_backend()
-    from digitlab import tracking
+    from digitlab import store
 
-    uri = tracking.configure()
+    uri = store.configure()
     if uri.startswith(("http://", "https://")):
         print(f"the tracking server at {uri} serves the UI itself: "
-              f"{uri.rstrip('/')}/#/experiments/{tracking.experiment_id()}/runs")
+              f"{uri.rstrip('/')}/#/experiments/{store.experiment_id()}/runs")
         return 0
-    url = tracking.ui_url(args.host, args.port, tracking.experiment_id())
-    print(f"MLflow UI for {uri}, experiment {tracking.experiment_name()!r}:\n  {url}", flush=True)
+    url = store.ui_url(args.host, args.port, store.experiment_id())
+    print(f"MLflow UI for {uri}, experiment {store.experiment_name()!r}:\n  {url}", flush=True)
     mlflow_cli = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     os.execv(mlflow_cli, [mlflow_cli, "ui", "--backend-store-uri", uri, "--host", args.host,
                           "--port", str(args.port)])

@@ -11,6 +11,7 @@ from digitlab import plots, tracking
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData
 from digitlab.errors import TrainingFailed
+from digitlab.tracked import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +20,14 @@ def compare(configs: list[ExperimentConfig], data: DigitData, name: str = "compa
             verbose: int | str = "auto") -> pd.DataFrame:
     """Train each config as a nested run; log a table and a chart to the parent run."""
     rows = []
-    with tracking.run(name):
+    with tracking.open_run(name):
         mlflow.log_params({"experiments": ",".join(c.name for c in configs),
                            "data.digest": data.digest})
         mlflow.set_tag("data_digest", data.digest)
         for config in configs:
             log.info("--- %s ---", config.name)
             try:
-                run_id, result = tracking.train_tracked(config, data, nested=True, verbose=verbose)
+                run_id, result, _ = tracked_run(config, data, nested=True, verbose=verbose)
             except TrainingFailed as exc:  # its run ended FAILED; the others still compare
                 log.warning("%s: %s", config.name, exc)
                 continue

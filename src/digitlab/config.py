@@ -8,16 +8,13 @@ same checks as the file: unknown keys and wrong types are errors, never ignored.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from digitlab import resources
+from digitlab import resources, typed
 from digitlab.errors import ConfigError
 
 
@@ -130,84 +127,37 @@ class ExperimentConfig:
         walk("", self.to_dict())
         return out
 
+    def summary(self) -> str:
+        """What this config trains, in a few lines (a run's description in the MLflow UI)."""
+        m, o, t, a = self.model, self.optimizer, self.training, self.augmentation
+        convs = "; ".join(
+            f"conv {'-'.join(str(max(1, round(f * m.width))) for f in b.filters)} "
+            f"({b.kernel_size}x{b.kernel_size}{'' if b.pool == 'none' else ', ' + b.pool + ' pool'})"
+            for b in m.blocks) or "no convolutions"
+        model = (f"{convs}{', batch norm' if m.batch_norm else ''}, conv dropout {m.conv_dropout:.3g}; "
+                 f"dense {m.dense_units} with dropout {m.dropout:.3g}; L2 {m.l2:.3g}")
+        decay = f", x{t.lr_decay:g} per epoch" if t.lr_decay < 1 else ""
+        training = (f"{o.name}, learning rate {o.learning_rate:.3g}{decay}; up to {t.epochs} epochs "
+                    f"of {t.batch_size}; {t.validation_fraction:.0%} of the images validate")
+        extras = [name for on, name in (
+            (t.early_stopping.enabled, f"early stopping on {t.early_stopping.monitor}"),
+            (t.reduce_lr.enabled, f"rate halved on a {t.reduce_lr.monitor} plateau"),
+            (t.restore_best, "the best epoch's weights"),
+            (t.average_last_epochs > 1, f"the mean of the last {t.average_last_epochs} epochs' weights"),
+            (t.mixed_precision, "mixed precision")) if on]
+        shapes = [f"{k} {v:g}" for k, v in (("rotation", a.rotation), ("zoom", a.zoom),
+                                           ("shift", a.shift), ("elastic", a.elastic)) if v]
+        augment = f"augmentation: {', '.join(shapes)}" if a.enabled and shapes else "no augmentation"
+        return "\n".join([f"**{self.name}** (seed {self.seed})", "", f"- model: {model}",
+                          f"- training: {training}" + (f"; {', '.join(extras)}" if extras else ""),
+                          f"- {augment}"])
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# --- building dataclasses from plain data, with type checks ----------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin in (list, tuple):
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}.{i}") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{where}: expected null, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # .inf / .nan pass every range check that follows
-                raise ConfigError(f"{where}: {value!r} is not a finite number")
-            return number
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"{where or 'config'}: {exc}") from None
-
-
 def from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    config = _build(ExperimentConfig, data, "")
+    config = typed.build(ExperimentConfig, data, "")
     validate(config)
     return config
 

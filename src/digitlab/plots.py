@@ -13,6 +13,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def figures(result) -> dict[str, plt.Figure]:
+    """Every figure of a finished training run (a `train.Result`), by artifact path."""
+    split, title = result.split, result.config.name
+    predicted = result.val_probabilities.argmax(1)
+    show = slice(0, 32)
+    wrong = np.flatnonzero(predicted != split.val_labels)[:32]
+    return {
+        "plots/training_curves.png": training_curves(result.history, title),
+        "plots/confusion_matrix.png": confusion_matrix(
+            confusion_counts(split.val_labels, predicted), f"{title}: validation confusion matrix"),
+        "plots/sample_predictions.png": image_grid(
+            split.val_images[show], split.val_labels[show], predicted[show],
+            f"{title}: sample validation predictions"),
+        "plots/misclassified.png": image_grid(
+            split.val_images[wrong], split.val_labels[wrong], predicted[wrong],
+            f"{title}: misclassified validation images"),
+    }
+
+
 def training_curves(history: dict[str, list[float]], title: str) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)

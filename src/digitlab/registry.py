@@ -55,7 +55,7 @@ def policy() -> Policy:
 
 
 def latest_search_run(client: MlflowClient, experiment_ids: list[str]) -> Run:
-    from digitlab import tracking
+    from digitlab import store
 
     def latest(ids: list[str]) -> Run | None:
         runs = client.search_runs(ids, filter_string="tags.search_study LIKE '%'",
@@ -65,7 +65,7 @@ def latest_search_run(client: MlflowClient, experiment_ids: list[str]) -> Run:
     if found := latest(experiment_ids):
         return found
     here = ", ".join(repr(client.get_experiment(i).name) for i in experiment_ids) or \
-        repr(tracking.experiment_name())
+        repr(store.experiment_name())
     elsewhere = latest([e.experiment_id for e in client.search_experiments()])
     hint = (f"; the latest search is run {elsewhere.info.run_id} in experiment "
             f"{client.get_experiment(elsewhere.info.experiment_id).name!r}: pass --search-run "
@@ -219,7 +219,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
             check_member_loads(str(target), member.info.run_id)
             artifacts[f"member_{i}"] = str(target)
         kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
-        with tracking.run(f"promote-{members[0].info.run_name}",
+        with tracking.open_run(f"promote-{members[0].info.run_name}",
                           tags={"digitlab.kind": "promote", "source_key": key}):
             try:
                 info = mlflow.pyfunc.log_model(
@@ -365,9 +365,9 @@ def promote(search_run_id: str | None = None, run_id: str | None = None, ensembl
     pol = policy()
     dataset = data_mod.load(data_dir)
     client = MlflowClient()
-    from digitlab import tracking
+    from digitlab import store
 
-    experiment_ids = [e] if (e := tracking.experiment_id()) else []
+    experiment_ids = [e] if (e := store.experiment_id()) else []
     members, search_run = select(client, experiment_ids, search_run_id, run_id, ensemble)
     version = register(members, search_run, tta, dataset, pol)
     load_check(pol.model_name, version.version, dataset, pol.load_check_rows)

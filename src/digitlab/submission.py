@@ -191,7 +191,7 @@ def submit(model_uri: str | None = None, data_dir: str | None = None, output: st
     if version:
         tags.update(model_name=version.name, model_version=version.version,
                     model_run_id=version.run_id or "")
-    with tracking.run(f"submit-v{version.version}" if version else "submit", tags=tags) as run:
+    with tracking.open_run(f"submit-v{version.version}" if version else "submit", tags=tags) as run:
         mlflow.log_artifact(str(output_path))
         mlflow.log_metric("rows", len(predicted))
         if dataset.test_labels is not None:

@@ -1,15 +1,15 @@
-"""The single training path: `run(config, data, callbacks) -> Result`.
+"""The single training path: `run(config, data, callbacks, on_epoch) -> Result`.
 
-`digitlab train`, `digitlab compare` and every search trial call this function;
-a trial differs from a plain run only by its config overrides and the extra
-callbacks it passes (MLflow logging, pruning).
+Every tracked run (`tracked.tracked_run`: `digitlab train`, `compare`, every search
+trial) trains through this function; a trial differs from a plain run only by its
+config overrides and the pruning callback it passes.
 """
 
 from __future__ import annotations
 
-import collections
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,9 +18,9 @@ import numpy as np
 
 from digitlab import data as data_mod
 from digitlab import models, runtime
+from digitlab.callbacks import EpochRecorder, recipe_callbacks
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData, Split
-from digitlab.metrics import EPOCH_METRICS
 
 DIVERGED = "diverged"
 NO_BETTER_THAN_CHANCE = "no better than chance"
@@ -120,120 +120,17 @@ class Result:
         return None
 
 
-class EpochRecorder(keras.callbacks.Callback):
-    """Adds the epoch's learning rate to the logs and keeps every epoch's values.
-
-    It runs first, so later callbacks (MLflow, pruning) see `learning_rate` too,
-    and it reads the rate before plateau reduction changes it for the next epoch.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: dict[str, list[float]] = {}
-        self.diverged = False
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        for key in EPOCH_METRICS:
-            if key in logs:
-                self.history.setdefault(key, []).append(float(logs[key]))
-        if not math.isfinite(float(logs.get("loss", 0.0))):
-            self.diverged = True
-            self.model.stop_training = True
-
-
-class BestWeights(keras.callbacks.Callback):
-    """Keeps the weights of the epoch with the best validation accuracy and restores them.
-
-    The seed project checkpointed the best model to disk; holding the weights in
-    memory gives the same model without file I/O every epoch.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.best = -math.inf
-        self.weights = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get("val_accuracy", -math.inf)
-        if value > self.best:
-            self.best, self.weights = value, self.model.get_weights()
-
-    def on_train_end(self, logs=None):
-        if self.weights is not None:
-            self.model.set_weights(self.weights)
-
-
-class WeightAverage(keras.callbacks.Callback):
-    """Ends training on the mean of the weights at the end of the last `epochs` epochs.
-
-    Stochastic weight averaging, with the annealed rate's last epochs as its samples:
-    each epoch's weights sit at a different point near the same minimum, and their mean
-    smooths out the epoch-to-epoch noise of any one of them, at no training cost. It runs
-    after early stopping, whose restored weights it replaces; with early stopping the
-    epochs are the last ones before the stop.
-    """
-
-    def __init__(self, epochs: int) -> None:
-        super().__init__()
-        self.snapshots: collections.deque[list[np.ndarray]] = collections.deque(maxlen=epochs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.snapshots.append(self.model.get_weights())
-
-    def on_train_end(self, logs=None):
-        if len(self.snapshots) < 2:
-            return
-        averaged = []
-        for values in zip(*self.snapshots, strict=True):
-            last = values[-1]
-            # counters and other integer state keep their last value
-            averaged.append(np.mean(values, axis=0).astype(last.dtype)
-                            if np.issubdtype(last.dtype, np.floating) else last)
-        self.model.set_weights(averaged)
-
-
-def recipe_callbacks(config: ExperimentConfig) -> list[keras.callbacks.Callback]:
-    t = config.training
-    callbacks: list[keras.callbacks.Callback] = []
-    if t.lr_decay < 1.0:
-        base, decay = config.optimizer.learning_rate, t.lr_decay
-        # Multiply the current rate rather than recompute base * decay**epoch, so the
-        # cuts ReduceLROnPlateau makes at an epoch's end carry into the next epoch.
-        callbacks.append(
-            keras.callbacks.LearningRateScheduler(
-                lambda epoch, lr: base if epoch == 0 else float(lr) * decay
-            )
-        )
-    if t.reduce_lr.enabled:
-        r = t.reduce_lr
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor=r.monitor, factor=r.factor, patience=r.patience, min_lr=r.min_lr
-            )
-        )
-    if t.early_stopping.enabled:
-        e = t.early_stopping
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=e.monitor, patience=e.patience, restore_best_weights=not t.restore_best
-            )
-        )
-    if t.restore_best:
-        callbacks.append(BestWeights())
-    if t.average_last_epochs > 1:  # last: its weights are the ones training ends on
-        callbacks.append(WeightAverage(t.average_last_epochs))
-    return callbacks
-
-
 def run(
     config: ExperimentConfig,
     data: DigitData,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     verbose: int | str = "auto",
 ) -> Result:
-    """Build, compile and fit the experiment; evaluate on validation and, if known, holdout."""
+    """Build, compile and fit the experiment; evaluate on validation and, if known, holdout.
+
+    `on_epoch(epoch, metrics)` receives every epoch's finite metrics (MLflow logging);
+    `callbacks` run after the record (pruning), before the recipe's own."""
     data_mod.check_split(data, config.training.validation_fraction)  # callers check first too
     runtime.seed_everything(config.seed)
     split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
@@ -251,7 +148,7 @@ def run(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="crossentropy")],
     )
-    recorder = EpochRecorder()
+    recorder = EpochRecorder(on_epoch)
     started = time.perf_counter()
     trainable.fit(
         **training_batches(split, config.training.batch_size, config.seed),

@@ -17,6 +17,7 @@ from typing import Any
 from digitlab import console
 from digitlab.data import atomic_write_bytes
 from digitlab.errors import SearchFailed, UserError
+from digitlab.search import params
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
 
@@ -29,28 +30,13 @@ class OutOfTime(Exception):
     """Raised between trials to end `tuner.search()` when budget.minutes have passed."""
 
 
-def _hyperparameters(settings: Settings):
-    import keras_tuner as kt
-
-    hp = kt.HyperParameters()
-    for p in settings.space.params:
-        if p.kind == "categorical":
-            hp.Choice(p.key, [trial_mod.encode(c) for c in p.choices])
-        elif p.kind == "int":
-            hp.Int(p.key, int(p.low), int(p.high), step=int(p.step) if p.step else None,
-                   sampling="log" if p.log else "linear")
-        else:
-            hp.Float(p.key, p.low, p.high, step=p.step, sampling="log" if p.log else "linear")
-    return hp
-
-
 def _oracle(settings: Settings):
     import keras_tuner as kt
 
     space = settings.space
     common = dict(
         objective=kt.Objective(space.metric, "max" if space.direction == "maximize" else "min"),
-        hyperparameters=_hyperparameters(settings),
+        hyperparameters=params.kerastuner_hyperparameters(space.params),
         allow_new_entries=False,
         tune_new_entries=False,
         seed=settings.seed,
@@ -80,7 +66,7 @@ def _starting(oracle_class, start: dict[str, Any]):
         def _random_values(self):
             values = super()._random_values()
             if start and values is not None and not self.trials:  # no trial yet: a new study
-                values.update({k: trial_mod.encode(v) for k, v in start.items()})
+                values.update({k: params.encode(v) for k, v in start.items()})
             return values
 
     return Starting
@@ -190,9 +176,7 @@ class KerasTunerEngine:
             space, values, data=self.data, seed=self.settings.seed, engine=self.name,
             number=int(trial.trial_id), parent_run_id=self.parent, experiment_id=self.experiment_id,
             epochs=int(epochs) if epochs else None, on_start=started,
-            verbose=2 if console.verbose() else 0,
         )
-        trial_mod.log_outcome(space.metric, trial.trial_id, outcome)
         if outcome.state != trial_mod.COMPLETE:
             raise RuntimeError(outcome.error or "trial failed")  # KerasTuner marks it FAILED
         return {space.metric: outcome.value}

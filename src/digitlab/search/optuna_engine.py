@@ -1,21 +1,15 @@
-"""Optuna engine: a persistent study, per-epoch pruning, crash recovery, shared budget.
+"""Optuna engine: a persistent study, per-epoch pruning, crash recovery, a shared budget.
 
-Storage: an Optuna journal file by default (`optuna.journal`: safe for several
-processes on one machine, readable by optuna-dashboard), or any RDB URL
-(`sqlite:///...`, `postgresql://...`).
+The adapter between the engine contract (`search/engine.py`) and an Optuna study; the
+storage, the study lock and heartbeats are in `coordination`, the parameter mapping in
+`params`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
-import socket
-import threading
 import time
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import optuna
@@ -23,68 +17,17 @@ from optuna.trial import TrialState
 
 from digitlab import console
 from digitlab.errors import SearchFailed, UserError
+from digitlab.search import coordination, params
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
-from digitlab.search.space import Param
 
 log = logging.getLogger(__name__)
 if not console.verbose():
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and the like
 
-DEFAULT_STORAGE = "optuna.journal"
 # A trial left RUNNING by a dead process is failed with this reason and retried once.
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
-
-
-def worker_host() -> str:
-    """The machine name a worker records on its trials (DIGITLAB_WORKER_HOST overrides it)."""
-    return os.environ.get("DIGITLAB_WORKER_HOST") or socket.gethostname()
-
-
-def is_rdb(url: str) -> bool:
-    return "://" in url and not url.startswith("journal://")
-
-
-def heartbeat_settings() -> tuple[int, int]:
-    """Seconds between a running trial's heartbeats, and silence after which it is dead."""
-    return (int(os.environ.get("DIGITLAB_HEARTBEAT_INTERVAL", "30")),
-            int(os.environ.get("DIGITLAB_HEARTBEAT_GRACE", "120")))
-
-
-def storage_for(url: str) -> optuna.storages.BaseStorage:
-    if is_rdb(url):
-        import sqlalchemy.exc
-
-        interval, grace = heartbeat_settings()
-        engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
-        for attempt in range(5):
-            try:
-                # heartbeats let a worker on another machine notice a dead one's trial
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                    grace_period=grace, heartbeat_stale_trial_callback=_stale_trial_failed,
-                )
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                # workers starting together race to create the tables: the loser retries
-                if attempt == 4:
-                    raise
-                time.sleep(1 + attempt)
-            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise UserError(f"cannot reach the Optuna storage {_redact(url)}: {first}") from None
-    path = Path(url.removeprefix("journal://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "the given URL"
 
 
 def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -125,14 +68,6 @@ def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def suggest(trial: optuna.Trial, p: Param) -> Any:
-    if p.kind == "categorical":
-        return trial.suggest_categorical(p.key, [trial_mod.encode(c) for c in p.choices])
-    if p.kind == "int":
-        return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-    return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
-
-
 def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
     """Trials that ended on their own; one killed with its process is retried instead."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -140,24 +75,13 @@ def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
     return t.state == TrialState.FAIL and t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class OptunaEngine:
     name = "optuna"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.storage_url = settings.storage or DEFAULT_STORAGE
-        self.storage = storage_for(self.storage_url)
-        self.lock_path = Path(f".digitlab-{settings.study}.lock")
+        self.storage_url = settings.storage or coordination.DEFAULT_STORAGE
+        self.storage = coordination.storage_for(self.storage_url, _stale_trial_failed)
         self.study = optuna.create_study(
             storage=self.storage,
             study_name=settings.study,
@@ -179,7 +103,7 @@ class OptunaEngine:
             self.study.set_user_attr("engine", self.name)
             self.study.set_metric_names([space.metric])  # named in optuna-dashboard and plots
             if space.start:  # the first trial of a new study; TPE samples any key not given
-                self.study.enqueue_trial({k: trial_mod.encode(v) for k, v in space.start.items()},
+                self.study.enqueue_trial({k: params.encode(v) for k, v in space.start.items()},
                                          skip_if_exists=True)
             return
         if self.study.direction.name.lower() != space.direction:
@@ -190,14 +114,14 @@ class OptunaEngine:
             )
         if attrs["space_fingerprint"] != space.fingerprint():
             raise UserError(
-                f"study {self.settings.study!r} was created from a different search space "
+                f"study {self.settings.study!r} was created from a different search file "
                 f"({attrs.get('space_path')}); resume it with the same file or use another --study name"
             )
 
     @property
     def parent_run_id(self) -> str | None:
-        # read fresh: another machine may have created the parent a moment ago
-        return self.storage.get_study_user_attrs(self.study._study_id).get("mlflow_parent_run_id")
+        # user_attrs reads the storage each time: another machine may have just created it
+        return self.study.user_attrs.get("mlflow_parent_run_id")
 
     def set_parent_run_id(self, run_id: str) -> None:
         self.study.set_user_attr("mlflow_parent_run_id", run_id)
@@ -208,12 +132,12 @@ class OptunaEngine:
     def recover_interrupted(self, end_run) -> list[int]:
         """Fail trials whose process on this machine is gone, end their runs KILLED,
         and queue their parameters once more (a retried trial is not retried again)."""
-        host = worker_host()
         recovered = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-            if owner != host or (pid.isdigit() and _process_alive(int(pid))):
-                continue  # another machine's trial: heartbeats (RDB storage) cover those
+            if not coordination.owner_is_gone(str(t.user_attrs.get("worker", ""))):
+                continue  # alive, or another machine's trial: heartbeats (RDB storage) cover those
+            # A told trial takes no attributes, and only the storage API sets one on a trial
+            # that is not this process's own: it takes the internal id.
             self.storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
             self.study.tell(t.number, state=TrialState.FAIL)
             if run_id := t.user_attrs.get("mlflow_run_id"):
@@ -224,31 +148,8 @@ class OptunaEngine:
             recovered.append(t.number)
         return recovered
 
-    @contextlib.contextmanager
     def lock(self):
-        """One worker at a time in the study's critical sections (budget, parent run):
-        a PostgreSQL advisory lock across machines, a file lock on one machine."""
-        if self.storage_url.startswith("postgresql"):
-            import zlib
-
-            import sqlalchemy
-
-            key = zlib.crc32(f"digitlab:{self.settings.study}".encode())
-            engine = self.storage.engine
-            with engine.connect() as connection:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    connection.commit()
-            return
-        with open(self.lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return coordination.study_lock(self.storage_url, self.storage, self.settings.study)
 
     def _reserve(self) -> optuna.Trial | None:
         """Start a trial only while finished + running trials are under the budget.
@@ -261,7 +162,7 @@ class OptunaEngine:
 
         while True:
             with self.lock():
-                if is_rdb(self.storage_url):
+                if coordination.is_rdb(self.storage_url):
                     optuna.storages.fail_stale_trials(self.study)
                 self.recover_interrupted(report.end_trial_run_killed)
                 trials = self.study.get_trials(deepcopy=False)
@@ -271,35 +172,11 @@ class OptunaEngine:
                     return None
                 if finished + running < self.settings.trials:
                     trial = self.study.ask()
-                    trial.set_user_attr("worker", f"{worker_host()}:{os.getpid()}")
+                    trial.set_user_attr("worker", coordination.worker_id())
                     if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
                         trial.set_user_attr("cuda_visible_devices", gpu)
                     return trial
-            time.sleep(min(5.0, heartbeat_settings()[0]))
-
-    @contextlib.contextmanager
-    def heartbeat(self, trial: optuna.Trial):
-        """Record a running trial's heartbeat (RDB storage) so other machines see it alive."""
-        if not is_rdb(self.storage_url):
-            yield
-            return
-        stop = threading.Event()
-        interval = heartbeat_settings()[0]
-
-        def beat() -> None:
-            while True:
-                with contextlib.suppress(Exception):  # a missed beat is retried next interval
-                    self.storage.record_heartbeat(trial._trial_id)
-                if stop.wait(interval):
-                    return
-
-        thread = threading.Thread(target=beat, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+            time.sleep(min(5.0, coordination.heartbeat_settings()[0]))
 
     # --- the worker loop ---------------------------------------------------------
 
@@ -309,22 +186,20 @@ class OptunaEngine:
         while (trial := self._reserve()) is not None:
             # Values are drawn when suggested, by the study's sampler at that moment.
             self.study.sampler = _sampler(self.settings, trial.number)
-            values = {p.key: suggest(trial, p) for p in space.params}
+            values = {p.key: params.suggest(trial, p) for p in space.params}
 
             def report(step: int, value: float, trial=trial) -> bool:
                 trial.report(value, step)
                 return trial.should_prune()
 
             log.info("trial %d: %s", trial.number, console.values(values))
-            with self.heartbeat(trial):
+            with coordination.heartbeat(self.storage_url, self.storage, trial):
                 outcome = trial_mod.run_trial(
                     space, values, data=data, seed=self.settings.seed, engine=self.name,
                     number=trial.number, parent_run_id=parent_run_id, experiment_id=experiment_id,
                     report=report,
                     on_start=lambda run_id, trial=trial: trial.set_user_attr("mlflow_run_id", run_id),
-                    verbose=2 if console.verbose() else 0,
                 )
-            trial_mod.log_outcome(space.metric, trial.number, outcome)
             if outcome.state == trial_mod.COMPLETE:
                 self.study.tell(trial, outcome.value)
                 failures_in_a_row = 0
@@ -346,7 +221,7 @@ class OptunaEngine:
     def rows(self) -> list[dict]:
         rows = []
         for t in self.study.get_trials(deepcopy=False):
-            if t.state in (TrialState.WAITING,):
+            if t.state == TrialState.WAITING:
                 continue
             rows.append({
                 "number": t.number,

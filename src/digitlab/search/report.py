@@ -16,7 +16,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from digitlab import console, registry, tracking
+from digitlab import console, registry, store
+from digitlab.search import params
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
 from digitlab.search.space import Param
@@ -36,7 +37,7 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
         client.set_tag(run_id, "mlflow.runName", settings.study)
         experiment_id = client.get_run(run_id).info.experiment_id
     else:
-        experiment_id = tracking.experiment_id()
+        experiment_id = store.experiment_id()
         run_id = client.create_run(experiment_id, run_name=settings.study).info.run_id
     space = settings.space
     # `mlflow run` has already logged its -P parameters (with their raw values) here
@@ -118,15 +119,6 @@ def end_trial_run_killed(run_id: str) -> None:
     client.set_terminated(run_id, "KILLED")
 
 
-def _distribution(p: Param) -> optuna.distributions.BaseDistribution:
-    if p.kind == "categorical":
-        return optuna.distributions.CategoricalDistribution([trial_mod.encode(c) for c in p.choices])
-    if p.kind == "int":
-        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log,
-                                                    step=int(p.step or 1))
-    return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-
-
 def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
     """The trials as an in-memory Optuna study (for plots and importances).
 
@@ -135,7 +127,7 @@ def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=settings.space.direction)
-    distributions = {p.key: _distribution(p) for p in settings.space.params}
+    distributions = {p.key: params.optuna_distribution(p) for p in settings.space.params}
     states = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
     for row in sorted(rows, key=lambda r: r["number"]):
         # A number without a row (e.g. a trial still queued) keeps its place as a FAIL.
@@ -144,9 +136,9 @@ def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
         state = states.get(row["state"], TrialState.FAIL)
         if state == TrialState.COMPLETE and row["value"] is None:
             state = TrialState.FAIL
-        params = {k: row[f"params.{k}"] for k in distributions if row.get(f"params.{k}") is not None}
+        sampled = {k: row[f"params.{k}"] for k in distributions if row.get(f"params.{k}") is not None}
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: distributions[k] for k in params}, state=state,
+            params=sampled, distributions={k: distributions[k] for k in sampled}, state=state,
             value=row["value"] if state == TrialState.COMPLETE else None,
         ))
     return study

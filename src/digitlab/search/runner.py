@@ -16,7 +16,7 @@ import time
 from mlflow import MlflowClient
 
 from digitlab import data as data_mod
-from digitlab import registry, tracking
+from digitlab import registry, store
 from digitlab.errors import Terminated
 from digitlab.search import report
 from digitlab.search.settings import Settings
@@ -87,7 +87,7 @@ def run(settings: Settings, dataset: data_mod.DigitData | None = None) -> dict:
         settings = dataclasses.replace(settings, deadline=time.time() + 60 * settings.space.minutes)
     if dataset is None:
         dataset = data_mod.load(settings.data_dir)
-    tracking.configure()  # an unreachable tracking server stops us before the study exists
+    store.configure()  # an unreachable tracking server stops us before the study exists
     engine = engine_for(settings)
     engine.check_compatible()
     finished = engine.finished()

@@ -1,4 +1,4 @@
-"""One trial, whatever the engine: sampled values -> config overrides -> `train.run`,
+"""One trial, whatever the engine: sampled values -> config overrides -> `tracked_run`,
 recorded as one MLflow run nested under the search's parent run.
 """
 
@@ -11,12 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import keras
-import mlflow
+from mlflow import MlflowClient
 
-from digitlab import tracking, train
+from digitlab import console, train
 from digitlab.data import DigitData
+from digitlab.search.params import decode
 from digitlab.search.space import SearchSpace
+from digitlab.tracked import Verdict, tracked_run
+
+log = logging.getLogger("digitlab.search")
 
 COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 # How each trial state ends its MLflow run: a pruned trial was stopped early, so it is
@@ -33,24 +36,6 @@ class Outcome:
     error: str | None = None
 
 
-class PruningHook(keras.callbacks.Callback):
-    """Reports the objective after every epoch; stops training when the engine says prune."""
-
-    def __init__(self, metric: str, report: Callable[[int, float], bool]) -> None:
-        super().__init__()
-        self.metric = metric
-        self.report = report
-        self.pruned_at: int | None = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.metric)
-        if value is None or not math.isfinite(float(value)):
-            return
-        if self.report(epoch + 1, float(value)):
-            self.pruned_at = epoch + 1
-            self.model.stop_training = True
-
-
 def objective_value(space: SearchSpace, result: train.Result) -> float | None:
     """The score of the model the trial hands on, not of its best epoch: a trial that kept
     its last weights is ranked by them, or the search would rank weights nobody registers.
@@ -63,15 +48,30 @@ def objective_value(space: SearchSpace, result: train.Result) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def encode(value: Any) -> Any:
-    """Engines accept only scalars as choices: lists (e.g. dense_units) travel as JSON text."""
-    return json.dumps(value) if isinstance(value, (list, dict)) else value
+def failed(message: str, reason: str, log_result: bool = True) -> Verdict:
+    # No model, so that nothing can register it; the curves show what went wrong.
+    return Verdict(status=RUN_STATUS[FAIL], log_result=log_result, log_model=False,
+                   tags={"trial_state": FAIL, "error": message[:5000],
+                         "fail_reason": reason[:250]})  # filter by tags.fail_reason
 
 
-def decode(value: Any) -> Any:
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value
+def judge(space: SearchSpace, hook) -> Callable[[train.Result], Verdict]:
+    def verdict(result: train.Result) -> Verdict:
+        pruned = hook is not None and hook.pruned_at is not None
+        failure = result.failure
+        # A pruned trial is never ranked, and after its few epochs it may fairly still be
+        # near chance; its reported values are what the pruner learns from, so only a
+        # diverged one fails.
+        if failure is not None and not (pruned and failure.reason != train.DIVERGED):
+            return failed(failure.message, failure.reason)
+        value = objective_value(space, result)
+        if value is None:
+            return failed(f"no finite {space.metric}", f"no finite {space.metric}", log_result=False)
+        state = PRUNED if pruned else COMPLETE
+        return Verdict(status=RUN_STATUS[state], log_model=not pruned,
+                       tags={"trial_state": state}, metrics={"objective": value})
+
+    return verdict
 
 
 def run_trial(
@@ -87,62 +87,45 @@ def run_trial(
     epochs: int | None = None,
     report: Callable[[int, float], bool] | None = None,
     on_start: Callable[[str], None] | None = None,
-    verbose: int | str = 2,
 ) -> Outcome:
+    from digitlab.callbacks import PruningHook
+
     values = {k: decode(v) for k, v in values.items()}
     config = space.trial_config(values, seed, number, epochs)
-    tags = {"trial_number": number, "engine": engine, "trial_state": "RUNNING"}
-    with tracking.run(f"trial-{number}", tags=tags, parent_run_id=parent_run_id,
-                      experiment_id=experiment_id) as handle:
+    hook = PruningHook(space.metric, report) if report else None
+    started: list[str] = []
+
+    def start(run_id: str) -> None:
+        started.append(run_id)
         if on_start:
-            on_start(handle.run_id)
-        tracking.log_setup(config, data)
-        mlflow.log_params({f"sampled.{k}": json.dumps(v) if isinstance(v, list) else v
-                           for k, v in values.items()})
-        hook = PruningHook(space.metric, report) if report else None
-        callbacks = [tracking.EpochLogger(handle.run_id)] + ([hook] if hook else [])
-        try:
-            result = train.run(config, data, callbacks=callbacks, verbose=verbose)
-        except Exception as exc:  # the search goes on; this trial alone fails
-            return _end(handle, FAIL, None, 0, f"{type(exc).__name__}: {exc}",
-                        reason=type(exc).__name__)
-        pruned = hook is not None and hook.pruned_at is not None
-        failure = result.failure
-        # A pruned trial is never ranked, and after its few epochs it may fairly still be
-        # near chance; its reported values are what the pruner learns from, so only a
-        # diverged one fails.
-        if failure is not None and not (pruned and failure.reason != train.DIVERGED):
-            # Curves and confusion matrix show what went wrong; no model, so that nothing
-            # can register it.
-            tracking.log_result(result, with_model=False)
-            return _end(handle, FAIL, None, result.epochs_trained, failure.message,
-                        reason=failure.reason)
-        value = objective_value(space, result)
-        if value is None:
-            return _end(handle, FAIL, None, result.epochs_trained, f"no finite {space.metric}",
-                        reason=f"no finite {space.metric}")
-        tracking.log_result(result, with_model=not pruned)
-        mlflow.log_metric("objective", value)
-        state = PRUNED if pruned else COMPLETE
-        return _end(handle, state, value, result.epochs_trained)
+            on_start(run_id)
 
-
-def _end(handle, state: str, value, epochs: int, error: str | None = None,
-         reason: str | None = None) -> Outcome:
-    mlflow.set_tag("trial_state", state)
-    if error:
-        mlflow.set_tag("error", error[:5000])
-        # The short tag to filter failed trials by (tags.fail_reason = 'diverged').
-        mlflow.set_tag("fail_reason", (reason or "error")[:250])
-        print(f"trial failed: {error}", flush=True)
-    handle.status = RUN_STATUS[state]
-    return Outcome(state, value, handle.run_id, epochs, error)
+    try:
+        run_id, result, verdict = tracked_run(
+            config, data, name=f"trial-{number}", judge=judge(space, hook),
+            tags={"trial_number": number, "engine": engine, "trial_state": "RUNNING"},
+            params={f"sampled.{k}": json.dumps(v) if isinstance(v, list) else v
+                    for k, v in values.items()},
+            callbacks=[hook] if hook else [], parent_run_id=parent_run_id,
+            experiment_id=experiment_id, on_start=start, verbose=2 if console.verbose() else 0,
+        )
+        outcome = Outcome(verdict.tags["trial_state"], verdict.metrics.get("objective"), run_id,
+                          result.epochs_trained, verdict.tags.get("error"))
+    except Exception as exc:  # the search goes on; this trial alone fails
+        if not started:
+            raise  # no run was opened: not the trial's fault
+        error = f"{type(exc).__name__}: {exc}"
+        client = MlflowClient()
+        for key, value in failed(error, type(exc).__name__).tags.items():
+            client.set_tag(started[0], key, value)
+        outcome = Outcome(FAIL, None, started[0], 0, error)
+    log_outcome(space.metric, number, outcome)
+    return outcome
 
 
 def log_outcome(metric: str, number: int | str, outcome: Outcome) -> None:
     """One line per finished trial (the progress bar shows the count and the best)."""
     value = f" {metric} {outcome.value:.4f}" if outcome.value is not None else ""
     reason = f": {outcome.error}" if outcome.error else ""
-    logging.getLogger("digitlab.search").info(
-        "trial %s %s after %d epoch%s%s%s", number, outcome.state, outcome.epochs,
-        "" if outcome.epochs == 1 else "s", value, reason)
+    log.info("trial %s %s after %d epoch%s%s%s", number, outcome.state, outcome.epochs,
+             "" if outcome.epochs == 1 else "s", value, reason)

@@ -65,7 +65,7 @@ def _worker(settings: Settings, parent_run_id: str, experiment_id: str, parent_p
 
     console.setup()
     console.import_backend()
-    from digitlab import data, tracking
+    from digitlab import data, store
 
-    tracking.configure()
+    store.configure()
     engine_for(settings).work(data.load(settings.data_dir), parent_run_id, experiment_id)
