@@ -19,7 +19,7 @@ def make_train_csv(path: Path, rows: int) -> None:
     source = data.load_kaggle_dir(data.write_embedded(path.parent / "embedded"))
     idx = np.arange(rows) % len(source.train_labels)
     pixels = np.rint(source.train_images[idx].reshape(rows, -1) * 255).astype(int)
-    data._write_int_csv(path, data.TRAIN_HEADER, np.column_stack([source.train_labels[idx], pixels]))
+    data.write_int_csv(path, data.TRAIN_HEADER, np.column_stack([source.train_labels[idx], pixels]))
 
 
 def measure(quick: bool) -> list[Row]:

@@ -31,7 +31,7 @@ def measure(quick: bool) -> list[Row]:
         big.mkdir()
         shutil.copy(data.DEFAULT_DATA_DIR / "train.csv", big / "train.csv")
         pixels = np.rint(dataset.test_images.reshape(len(dataset.test_images), -1) * 255).astype(int)
-        data._write_int_csv(big / "test.csv", data.PIXEL_COLUMNS, pixels[np.arange(ROWS) % len(pixels)])
+        data.write_int_csv(big / "test.csv", data.PIXEL_COLUMNS, pixels[np.arange(ROWS) % len(pixels)])
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -27,7 +27,7 @@ def write_malformed(directory: Path) -> str:
     idx = np.arange(ROWS) % len(source.train_labels)
     pixels = np.rint(source.train_images[idx].reshape(ROWS, -1) * 255).astype(int)
     directory.mkdir()
-    data._write_int_csv(directory / "train.csv", data.TRAIN_HEADER,
+    data.write_int_csv(directory / "train.csv", data.TRAIN_HEADER,
                         np.column_stack([source.train_labels[idx], pixels]))
     lines = (directory / "train.csv").read_text().splitlines()
     cells = lines[BAD_ROW].split(",")
@@ -35,7 +35,7 @@ def write_malformed(directory: Path) -> str:
     lines[BAD_ROW] = ",".join(cells)
     (directory / "train.csv").write_text("\n".join(lines) + "\n")
     test = np.rint(source.test_images.reshape(len(source.test_images), -1) * 255).astype(int)
-    data._write_int_csv(directory / "test.csv", data.PIXEL_COLUMNS, test)
+    data.write_int_csv(directory / "test.csv", data.PIXEL_COLUMNS, test)
     return f"line {BAD_ROW + 1}"
 
 

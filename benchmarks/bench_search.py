@@ -38,7 +38,7 @@ def study(name: str, quick: bool, *, trials: int, epochs: int, sampler="tpe", pr
                                  pruner=pruner, fixed=QUICK_FIXED if quick else ""))
     settings = search.make_settings(str(path), engine=engine, workers=workers, study=name, seed=seed)
     start = time.perf_counter()
-    summary = search.run(settings)
+    summary = search.run_study(settings)
     seconds = time.perf_counter() - start
     rows = summary["rows"]
     counted = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]

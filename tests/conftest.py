@@ -68,11 +68,11 @@ def tiny_dir(embedded_dir, tmp_path_factory) -> Path:
     )
     train_idx = rng.permutation(train_idx)
     pixels = np.rint(full.train_images[train_idx].reshape(-1, 784) * 255).astype(int)
-    data._write_int_csv(out / "train.csv", data.TRAIN_HEADER,
+    data.write_int_csv(out / "train.csv", data.TRAIN_HEADER,
                         np.column_stack([full.train_labels[train_idx], pixels]))
     test_pixels = np.rint(full.test_images[:50].reshape(-1, 784) * 255).astype(int)
-    data._write_int_csv(out / "test.csv", data.PIXEL_COLUMNS, test_pixels)
-    data._write_int_csv(out / "solution.csv", data.SOLUTION_HEADER,
+    data.write_int_csv(out / "test.csv", data.PIXEL_COLUMNS, test_pixels)
+    data.write_int_csv(out / "solution.csv", data.SOLUTION_HEADER,
                         np.column_stack([np.arange(1, 51), full.test_labels[:50]]))
     return out
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from digitlab import cli, data, registry, submission
+from digitlab import cli, data, osutil, registry, submission
 from digitlab.errors import DataError
 from tests.conftest import TINY_SPACE
 
@@ -137,9 +137,9 @@ def kaggle_dir(root: Path, per_class: int, classes=range(10), test: str | None =
     labels = np.repeat(np.array(list(classes)), per_class)
     train = np.column_stack([labels, rng.integers(0, 256, (len(labels), 784))])
     root.mkdir(parents=True)
-    data._write_int_csv(root / "train.csv", data.TRAIN_HEADER, train)
+    data.write_int_csv(root / "train.csv", data.TRAIN_HEADER, train)
     if test is None:
-        data._write_int_csv(root / "test.csv", data.PIXEL_COLUMNS, rng.integers(0, 256, (4, 784)))
+        data.write_int_csv(root / "test.csv", data.PIXEL_COLUMNS, rng.integers(0, 256, (4, 784)))
     elif test != "missing":
         (root / "test.csv").write_text(test)
     return root
@@ -218,7 +218,7 @@ def test_writing_a_submission_removes_what_killed_writers_left(tmp_path):
     # what a writer killed between creating its temporary file and renaming it leaves
     stale = tmp_path / ".submission.csv.k1ll3d.tmp"
     stale.write_text("ImageId,Label\n1,")
-    old = time.time() - 2 * submission.STALE_TEMPORARY_SECONDS
+    old = time.time() - 2 * osutil.STALE_TEMPORARY_SECONDS
     os.utime(stale, (old, old))
     in_progress = tmp_path / ".submission.csv.wr1t1ng.tmp"  # another writer, busy right now
     in_progress.write_text("ImageId,Label\n")

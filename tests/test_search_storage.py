@@ -72,7 +72,7 @@ def test_worker_i_sees_gpu_i_mod_g(workdir, tiny_dir, two_fake_gpus):
     path = workdir / "gpu.yaml"
     path.write_text(SPACE.replace("trials: 40", "trials: 4"))
     settings = search.make_settings(str(path), workers=2, data_dir=str(tiny_dir), study="gpus")
-    search.run(settings)
+    search.run_study(settings)
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(workdir / "optuna.journal")))
     trials = optuna.load_study(study_name="gpus", storage=storage).trials

@@ -1,5 +1,6 @@
 """Training runs end to end through the CLI, checked in a real SQLite MLflow store."""
 
+import json
 import os
 import signal
 import subprocess
@@ -67,9 +68,17 @@ def test_train_logs_a_complete_run(workdir, tiny_dir, capsys):
     config_text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
     assert "dropout: 0.3" in config_text
 
-    # the dataset is an MLflow input with the data digest
-    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
-    assert inputs and inputs[0].dataset.digest == params["data.digest"][:32]
+    # training, validation and holdout images are MLflow inputs with their real shapes
+    # and the data directory as source
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "holdout"}
+    shapes = {context: json.loads(d.profile)["features_shape"] for context, d in inputs.items()}
+    assert shapes == {"training": [270, 28, 28, 1], "validation": [30, 28, 28, 1],
+                      "holdout": [50, 28, 28, 1]}
+    assert all(str(tiny_dir) in d.source for d in inputs.values())
+    assert len({d.digest for d in inputs.values()}) == 3
+    assert tags["split_seed"] == "42" and tags["validation_fraction"] == "0.1"
+    assert "conv 32-64" in tags["mlflow.note.content"]  # describes what it trained
 
     # the model is logged in the native Keras format and predicts
     models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'",

@@ -17,18 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from digitlab.csvfiles import (  # noqa: F401  (the data layout's names, used with data.*)
+    CACHE_DIR_NAME,
+    N_PIXELS,
+    PIXEL_COLUMNS,
+    SOLUTION_HEADER,
+    TRAIN_HEADER,
+    read_csv,
+    read_csv_caching,
+    write_cache,
+    write_int_csv,
+)
 from digitlab.errors import DataError
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path("data/digit-recognizer")
-N_PIXELS = 784
-PIXEL_COLUMNS = [f"pixel{i}" for i in range(N_PIXELS)]
-TRAIN_HEADER = ["label", *PIXEL_COLUMNS]
-SOLUTION_HEADER = ["ImageId", "Label"]
 EMBEDDED_SEED = 0
 EMBEDDED_TEST_PER_CLASS = 100  # 5,000 images -> 4,000 train + 1,000 test
-CACHE_DIR_NAME = ".digitlab-cache"
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -63,188 +68,14 @@ def content_digest(train_pixels, train_labels, test_pixels, test_labels) -> str:
     return h.hexdigest()
 
 
-# --- Kaggle CSV ------------------------------------------------------------------
-
-
-def _upper_limit(column: str) -> int:
-    if column in ("label", "Label"):
-        return 9
-    return np.iinfo(np.int64).max if column == "ImageId" else 255
-
-
-def _first_problem(path: Path, expected: list[str]) -> str:
-    """Walk a CSV that failed the fast parse and describe its first problem exactly."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        text = f.read()
-    ends_with_newline = text.endswith(("\n", "\r"))
-    lines = text.splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()  # a trailing blank line is tolerated
-    if not lines:
-        return f"{path}: file is empty"
-    if len(lines) == 1:
-        return f"{path}: no data rows after the header"
-    for number, line in enumerate(lines[1:], start=2):
-        cells = line.split(",")
-        if len(cells) != len(expected):
-            if number == len(lines) and not ends_with_newline and len(cells) < len(expected):
-                return (
-                    f"{path}: line {number}, column {expected[len(cells)]}: file is cut off "
-                    f"mid-row ({len(cells)} of {len(expected)} fields)"
-                )
-            if len(cells) < len(expected):
-                return (
-                    f"{path}: line {number}, column {expected[len(cells)]}: missing "
-                    f"(row has {len(cells)} fields, expected {len(expected)})"
-                )
-            return (
-                f"{path}: line {number}, column {len(expected) + 1}: extra field "
-                f"(row has {len(cells)} fields, expected {len(expected)})"
-            )
-        for column, cell in zip(expected, cells, strict=True):
-            cell = cell.strip()
-            where = f"{path}: line {number}, column {column}"
-            if not cell:
-                return f"{where}: empty cell"
-            try:
-                value = int(cell)
-            except ValueError:
-                try:
-                    float(cell)
-                except ValueError:
-                    return f"{where}: {cell!r} is not a number"
-                return f"{where}: {cell!r} is not an integer"
-            upper = _upper_limit(column)
-            if not 0 <= value <= upper:
-                return f"{where}: {value} is outside 0-{upper}"
-    return f"{path}: could not be parsed"
-
-
-def _check_header(path: Path, expected: list[str]) -> None:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        first = f.readline()
-    if not first.strip():
-        raise DataError(f"{path}: file is empty" if not first else f"{path}: line 1: no header")
-    header = [c.strip() for c in first.rstrip("\r\n").split(",")]
-    if all(c.lstrip("-").isdigit() for c in header):
-        raise DataError(f"{path}: line 1: no header (expected {','.join(expected[:3])},...)")
-    seen: set[str] = set()
-    for c in header:
-        if c in seen:
-            raise DataError(f"{path}: line 1, column {c}: duplicated column")
-        seen.add(c)
-    if "label" in header and "label" not in expected:
-        raise DataError(f"{path}: line 1, column label: test.csv must not have a label column")
-    for position, (got, want) in enumerate(zip(header, expected, strict=False), start=1):
-        if got != want:
-            if got not in expected:
-                raise DataError(
-                    f"{path}: line 1, column {position}: unexpected column {got!r} (expected {want!r})"
-                )
-            raise DataError(f"{path}: line 1, column {position}: {got!r} out of order (expected {want!r})")
-    if len(header) < len(expected):
-        raise DataError(f"{path}: line 1: missing column {expected[len(header)]!r}")
-    if len(header) > len(expected):
-        raise DataError(f"{path}: line 1, column {len(expected) + 1}: extra column {header[len(expected)]!r}")
-
-
-def read_csv(path: Path, expected: list[str]) -> np.ndarray:
-    """Parse a Kaggle CSV into an int64 array, or raise DataError naming line and column.
-
-    The fast path is pandas' C parser: it infers int64 only when every cell is an
-    integer literal, so any float, text, empty cell or short row shows up as a
-    non-integer column and sends us to the exact (slow) diagnosis.
-    """
-    import pandas as pd
-
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    _check_header(path, expected)
-    try:
-        frame = pd.read_csv(path, encoding="utf-8-sig", engine="c", skip_blank_lines=True)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
-        raise DataError(_first_problem(path, expected)) from None
-    if len(frame) == 0:
-        raise DataError(f"{path}: no data rows after the header")
-    if not all(dtype.kind in "iu" for dtype in frame.dtypes):
-        raise DataError(_first_problem(path, expected))
-    values = frame.to_numpy(dtype=np.int64)
-    limits = np.array([_upper_limit(c) for c in expected])
-    bad = (values < 0) | (values > limits)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise DataError(
-            f"{path}: line {row + 2}, column {expected[col]}: "
-            f"{values[row, col]} is outside 0-{limits[col]}"
-        )
-    return values
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_csv_cached(path: Path, expected: list[str]) -> np.ndarray:
-    """`read_csv`, with a binary cache keyed by the file's bytes beside the file.
-
-    A cache entry is only written after validation succeeded, so loading one
-    needs no new checks beyond its shape; a damaged entry is ignored.
-    """
-    values, pending = _read_csv_caching(path, expected)
-    _write_cache(pending)
-    return values
-
-
-def _read_csv_caching(path: Path, expected: list[str]) -> tuple[np.ndarray, tuple | None]:
-    """The values from the cache or the file, and the cache entry still to write (or None).
-
-    The entry is handed back rather than written so that a directory is checked whole
-    before anything lands in it: a good train.csv beside a bad test.csv leaves no cache.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    key = _file_digest(path)
-    cache = path.parent / CACHE_DIR_NAME / f"{path.stem}-v{CACHE_VERSION}-{key[:32]}.npy"
-    try:
-        values = np.load(cache, allow_pickle=False)
-        if values.ndim == 2 and values.shape[1] == len(expected) and values.dtype == np.uint8:
-            return values.astype(np.int64), None
-    except (OSError, ValueError):
-        pass
-    values = read_csv(path, expected)
-    return values, (cache, values)
-
-
-def _write_cache(pending: tuple | None) -> None:
-    if pending is None:
-        return
-    cache, values = pending
-    try:
-        atomic_write_bytes(cache, _npy_bytes(values.astype(np.uint8)))
-    except OSError:
-        pass  # a read-only data directory only loses the cache
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def load_kaggle_dir(data_dir: Path) -> DigitData:
     """train.csv, test.csv and solution.csv when present, all validated before any cache
     entry is written (`nothing is created` from a directory that fails)."""
     for name in ("train.csv", "test.csv"):  # before parsing a large train.csv in vain
         if not (data_dir / name).is_file():
             raise DataError(f"{data_dir / name}: file not found")
-    train, train_cache = _read_csv_caching(data_dir / "train.csv", TRAIN_HEADER)
-    test, test_cache = _read_csv_caching(data_dir / "test.csv", PIXEL_COLUMNS)
+    train, train_cache = read_csv_caching(data_dir / "train.csv", TRAIN_HEADER)
+    test, test_cache = read_csv_caching(data_dir / "test.csv", PIXEL_COLUMNS)
     solution_path = data_dir / "solution.csv"
     test_labels = None
     if solution_path.exists():
@@ -255,8 +86,8 @@ def load_kaggle_dir(data_dir: Path) -> DigitData:
                 f"{solution_path}: ImageId must run 1..{len(test)} in order, one per test.csv row"
             )
         test_labels = solution[:, 1]
-    _write_cache(train_cache)
-    _write_cache(test_cache)
+    write_cache(train_cache)
+    write_cache(test_cache)
     train_labels = train[:, 0]
     return DigitData(
         train_images=to_images(train[:, 1:]),
@@ -364,10 +195,10 @@ def write_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> Path:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-", dir=data_dir.parent))
     train = np.column_stack([labels[train_idx], pixels[train_idx]])
-    _write_int_csv(tmp / "train.csv", TRAIN_HEADER, train)
-    _write_int_csv(tmp / "test.csv", PIXEL_COLUMNS, pixels[test_idx])
+    write_int_csv(tmp / "train.csv", TRAIN_HEADER, train)
+    write_int_csv(tmp / "test.csv", PIXEL_COLUMNS, pixels[test_idx])
     solution = np.column_stack([np.arange(1, len(test_idx) + 1), labels[test_idx]])
-    _write_int_csv(tmp / "solution.csv", SOLUTION_HEADER, solution)
+    write_int_csv(tmp / "solution.csv", SOLUTION_HEADER, solution)
     tmp.chmod(0o755)  # mkdtemp makes it private
     try:
         os.replace(tmp, data_dir)
@@ -376,24 +207,6 @@ def write_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return data_dir
-
-
-def _write_int_csv(path: Path, header: list[str], values: np.ndarray) -> None:
-    with open(path, "w", newline="") as f:
-        f.write(",".join(header) + "\n")
-        np.savetxt(f, values, fmt="%d", delimiter=",")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- one entry point -------------------------------------------------------------

@@ -28,3 +28,10 @@ class Terminated(BaseException):
 
 class SearchFailed(Exception):
     """The search itself stopped (e.g. several trials failed in a row); exit status 1."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """The first line of an error, short enough for the CLI's one-line message."""
+    lines = str(text).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."

@@ -5,27 +5,35 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# A writer's temporary file lives for the moment of one write; one older than this was
+# left by a writer that was killed (age, not a pid, since a folder may be shared by hosts).
+STALE_TEMPORARY_SECONDS = 60
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`: a reader
-    sees the old file or the new one, never half of one. Leftovers of writers killed in
-    the middle (older than a minute: no live writer takes that long) are removed."""
+
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644,
+                 check: Callable[[Path], object] | None = None) -> None:
+    """Write `data` to a temporary file beside `path`, `check` it, then rename it over
+    `path`: a reader sees the old file or the new one, never half of one. Temporary files
+    that killed writers left beside `path` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > 60:
+            if time.time() - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
                 stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        if check is not None:
+            check(Path(tmp))
         os.chmod(tmp, mode)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:

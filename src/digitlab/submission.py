@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import glob
+import io
 import os
 import shutil
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import mlflow
@@ -15,7 +13,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from digitlab import data as data_mod
-from digitlab import registry
+from digitlab import osutil, registry
 from digitlab.errors import UserError
 
 HEADER = "ImageId,Label"
@@ -97,43 +95,13 @@ def score(submission: Path, solution: Path) -> float:
     return float(np.mean(predicted == truth))
 
 
-# A writer holds its temporary file for well under a second (28,000 rows written, then read
-# back); one untouched for this long belongs to a writer that was killed before it could
-# remove it. Age, not a pid in the name: the folder may be shared by several machines.
-STALE_TEMPORARY_SECONDS = 60
-
-
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the `.{name}.*.tmp` files that killed writers of `path` left beside it."""
-    removed = []
-    now = time.time()
-    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        try:
-            if now - candidate.stat().st_mtime > STALE_TEMPORARY_SECONDS:
-                candidate.unlink()
-                removed.append(candidate)
-        except FileNotFoundError:
-            pass  # another writer removed it first
-    return removed
-
-
 def write(labels: np.ndarray, path: Path) -> None:
-    """Write atomically: a temporary file beside the target, validated, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(HEADER + "\n")
-            np.savetxt(f, np.column_stack([np.arange(1, len(labels) + 1), labels]), fmt="%d",
-                       delimiter=",")
-        read_submission(Path(tmp), expected_rows=len(labels))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically, checked as Kaggle would read it before it replaces `path`."""
+    text = io.StringIO()
+    text.write(HEADER + "\n")
+    np.savetxt(text, np.column_stack([np.arange(1, len(labels) + 1), labels]), fmt="%d", delimiter=",")
+    osutil.atomic_write(Path(path), text.getvalue(),
+                        check=lambda tmp: read_submission(tmp, expected_rows=len(labels)))
 
 
 def check_kaggle() -> str:
@@ -178,11 +146,9 @@ def submit(model_uri: str | None = None, data_dir: str | None = None, output: st
     output_path = Path(output or pol.submission_path)
     version = resolve_version(model_uri)
     model = mlflow.pyfunc.load_model(model_uri)
-    rows = registry.to_rows(dataset.test_images)
-    labels = []
-    for start in tqdm(range(0, len(rows), pol.batch_size), desc="predicting test.csv", unit="batch"):
-        labels.append(np.asarray(model.predict(rows.iloc[start : start + pol.batch_size])["label"]))
-    predicted = np.concatenate(labels).astype(np.int64)
+    predicted = registry.predict_labels(
+        model, registry.to_rows(dataset.test_images), pol.predict_batch_size,
+        progress=lambda batches: tqdm(batches, desc="predicting test.csv", unit="batch"))
     write(predicted, output_path)
 
     result = {"path": str(output_path), "rows": len(predicted), "model_uri": model_uri,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from digitlab.search.settings import Settings, make_settings
 
-__all__ = ["Settings", "make_settings", "run"]
+__all__ = ["Settings", "make_settings", "run_study"]
 
 
-def run(settings: Settings, dataset=None) -> dict:
-    """Run (or resume) the study to its budget; see `runner.run`."""
+def run_study(settings: Settings, dataset=None) -> dict:
+    """Run (or resume) the study to its budget; see `runner.run_study`."""
     from digitlab.search import runner
 
-    return runner.run(settings, dataset)
+    return runner.run_study(settings, dataset)

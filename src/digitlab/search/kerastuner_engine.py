@@ -14,8 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from digitlab import console
-from digitlab.data import atomic_write_bytes
+from digitlab import console, osutil
 from digitlab.errors import SearchFailed, UserError
 from digitlab.search import params
 from digitlab.search import trial as trial_mod
@@ -104,7 +103,7 @@ class KerasTunerEngine:
         return contextlib.nullcontext()  # one process per KerasTuner study
 
     def _save(self) -> None:
-        atomic_write_bytes(self.sidecar, json.dumps(self.state, indent=1).encode())
+        osutil.atomic_write(self.sidecar, json.dumps(self.state, indent=1))
 
     def check_compatible(self) -> None:
         fingerprint = self.settings.space.fingerprint()
@@ -137,6 +136,8 @@ class KerasTunerEngine:
         """KerasTuner requeues trials that were running when its process died: their
         interrupted runs end KILLED, and the retry becomes a new run tagged retry_of."""
         recovered = []
+        # The oracle keeps the trials it will run again in `_retry_queue` and offers no
+        # public view of it; it is the only record of which trials a dead process left.
         for trial_id in list(self.tuner.oracle._retry_queue):
             if run_id := self.state["runs"].get(trial_id):
                 end_run(run_id)

@@ -76,7 +76,7 @@ class Progress:
         self.bar.close()
 
 
-def run(settings: Settings, dataset: data_mod.DigitData | None = None) -> dict:
+def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> dict:
     """Run (or resume) the study to its budget; returns the summary.
 
     With `budget.minutes`, no trial starts once that many minutes have passed since

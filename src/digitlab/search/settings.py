@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 from digitlab.errors import UserError
 from digitlab.search import space as space_mod
-from digitlab.search.space import SearchSpace
+from digitlab.search.space import StudyFile
 
 ENGINES = ("optuna", "kerastuner")
 
 
 @dataclass(frozen=True)
 class Settings:
-    space: SearchSpace  # with any --trials / --max-epochs already applied to its budget
+    space: StudyFile  # with any --trials / --max-epochs already applied to its budget
     engine: str
     study: str
     storage: str | None
@@ -51,6 +51,6 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
     # Budget options take the place of the file's values before the file is checked, so
     # they meet the same rules (e.g. optuna.min_epochs <= budget.max_epochs).
     budget = {"trials": trials or None, "max_epochs": max_epochs or None, "minutes": minutes or None}
-    space: SearchSpace = space_mod.load(space_path, {k: v for k, v in budget.items() if v})
+    space: StudyFile = space_mod.load(space_path, {k: v for k, v in budget.items() if v})
     return Settings(space=space, engine=engine, study=study or f"{space.name}-{engine}",
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed)

@@ -40,7 +40,7 @@ class Param:
 
 
 @dataclass(frozen=True)
-class SearchSpace:
+class StudyFile:
     path: str
     experiments: tuple[str, ...]
     description: str = ""
@@ -161,7 +161,7 @@ def _samples(p: Param) -> list[Any]:
     return [p.low, p.high]
 
 
-def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = None) -> SearchSpace:
+def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = None) -> StudyFile:
     """A search file by name (`quick`) or path, found as `resources.find` finds it.
 
     `budget_overrides` (trials, max_epochs, minutes from the command line) replace the
@@ -200,7 +200,7 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
             raise ConfigError(f"{path}: space.{ARCHITECTURE_KEY} is implied by the experiments list")
         params.insert(0, Param(ARCHITECTURE_KEY, "categorical", choices=tuple(experiments)))
 
-    result = SearchSpace(
+    result = StudyFile(
         path=str(path),
         experiments=tuple(experiments),
         description=str(raw.get("description") or ""),
@@ -222,7 +222,7 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
     return result
 
 
-def _check(s: SearchSpace) -> None:
+def _check(s: StudyFile) -> None:
     p = s.path
     checks = [
         (s.metric in OBJECTIVE_METRICS,

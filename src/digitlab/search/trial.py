@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from digitlab import console, train
 from digitlab.data import DigitData
 from digitlab.search.params import decode
-from digitlab.search.space import SearchSpace
+from digitlab.search.space import StudyFile
 from digitlab.tracked import Verdict, tracked_run
 
 log = logging.getLogger("digitlab.search")
@@ -36,7 +36,7 @@ class Outcome:
     error: str | None = None
 
 
-def objective_value(space: SearchSpace, result: train.Result) -> float | None:
+def objective_value(space: StudyFile, result: train.Result) -> float | None:
     """The score of the model the trial hands on, not of its best epoch: a trial that kept
     its last weights is ranked by them, or the search would rank weights nobody registers.
     Validation accuracy and cross-entropy are measured on that model itself, so they are
@@ -55,7 +55,7 @@ def failed(message: str, reason: str, log_result: bool = True) -> Verdict:
                          "fail_reason": reason[:250]})  # filter by tags.fail_reason
 
 
-def judge(space: SearchSpace, hook) -> Callable[[train.Result], Verdict]:
+def judge(space: StudyFile, hook) -> Callable[[train.Result], Verdict]:
     def verdict(result: train.Result) -> Verdict:
         pruned = hook is not None and hook.pruned_at is not None
         failure = result.failure
@@ -75,7 +75,7 @@ def judge(space: SearchSpace, hook) -> Callable[[train.Result], Verdict]:
 
 
 def run_trial(
-    space: SearchSpace,
+    space: StudyFile,
     values: dict[str, Any],
     *,
     data: DigitData,

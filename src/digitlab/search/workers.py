@@ -12,10 +12,11 @@ import threading
 import time
 
 from digitlab.errors import SearchFailed
+from digitlab.search.engine import Engine
 from digitlab.search.settings import Settings
 
 
-def engine_for(settings: Settings):
+def engine_for(settings: Settings) -> Engine:
     if settings.engine == "kerastuner":
         from digitlab.search.kerastuner_engine import KerasTunerEngine
 

@@ -1,0 +1,115 @@
+"""The `digitlab` command line's arguments: what each command does and its defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = (
+    "Train, search, promote and submit Keras CNNs for Kaggle's Digit Recognizer (MNIST), "
+    "every run tracked in MLflow."
+)
+EPILOG = ("experiments/, search/ and registry/ are read from the working directory when "
+          "present, else the copies shipped with digitlab; results are written to the working "
+          "directory (mlflow.db, mlruns/, optuna.journal, submissions/).")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's -v must not reset a -v given before the subcommand.
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show library logs (TensorFlow, MLflow, Optuna) and per-epoch lines")
+    parser = argparse.ArgumentParser(prog="digitlab", description=DESCRIPTION, epilog=EPILOG,
+                                     parents=[common], formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str | None = None):
+        p = sub.add_parser(name, help=help, description=description or help, parents=[common],
+                           formatter_class=_Formatter)
+        return p
+
+    def data_dir(p):
+        p.add_argument("--data-dir", default="data/digit-recognizer",
+                       help="Kaggle-layout (train.csv, test.csv, optional solution.csv) or MNIST "
+                            "IDX directory; the default is created from the embedded MNIST subset")
+
+    def training_options(p):
+        p.add_argument("--epochs", type=int, default=0, help="epochs to train (0: the experiment's own)")
+        p.add_argument("--seed", type=int, help="seed (default: the experiment's)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set model.dropout=0.3 (repeatable)")
+        data_dir(p)
+
+    p = command("data", "write the embedded MNIST subset in Kaggle layout, or check a data directory")
+    data_dir(p)
+
+    p = command("train", "train one experiment, tracked as an MLflow run")
+    p.add_argument("--experiment", default="kaggle_cnn",
+                   help="experiment name (experiments/NAME.yaml) or path to a YAML file")
+    training_options(p)
+
+    p = command("compare", "train several experiments under one parent run and chart them")
+    p.add_argument("--experiments", default="all",
+                   help="comma-separated experiment names, or 'all' for every experiment found")
+    training_options(p)
+
+    p = command("search", "run (or resume) a hyperparameter search; every trial is an MLflow run")
+    p.add_argument("--space", default="search/default.yaml",
+                   help="search file: a name (quick) or a path")
+    p.add_argument("--engine", default="optuna", help="optuna or kerastuner")
+    p.add_argument("--trials", type=int, default=0, help="trial budget in total (0: the file's)")
+    p.add_argument("--max-epochs", type=int, default=0, help="epochs per trial at most (0: the file's)")
+    p.add_argument("--minutes", type=float, default=0,
+                   help="start no trial after this many minutes (0: the file's budget.minutes, if any)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument("--storage", default="",
+                   help="Optuna: a journal file (empty: optuna.journal) or an RDB URL; "
+                        "KerasTuner: a directory (empty: kerastuner/)")
+    p.add_argument("--study", default="", help="study name (empty: <search file>-<engine>); "
+                                                "the same name resumes the study")
+    p.add_argument("--seed", type=int, default=42, help="study seed: samplers and the validation split")
+    data_dir(p)
+
+    p = command("promote", "register the best model of a search and move the production alias")
+    p.add_argument("--search-run", default="", help="search parent run id (empty: the latest search)")
+    p.add_argument("--run", default="", help="promote this training or trial run instead")
+    p.add_argument("--ensemble", type=int, default=1, help="average the top K trials of the search")
+    p.add_argument("--tta", action="store_true", help="average predictions over one-pixel shifts")
+    p.add_argument("--min-delta", type=float, default=None,
+                   help="required improvement over production (default: registry/policy.yaml)")
+    p.add_argument("--force", action="store_true", help="move the aliases even if the gate says no")
+    p.add_argument("--rollback", action="store_true", help="swap production and previous back")
+    data_dir(p)
+
+    p = command("submit", "write a Kaggle submission CSV from the production model")
+    p.add_argument("--model-uri", default="",
+                   help="model to predict with (empty: models:/digit-recognizer@production)")
+    p.add_argument("--output", default="", help="CSV to write (empty: registry/policy.yaml's, "
+                                                "submissions/submission.csv)")
+    p.add_argument("--kaggle-submit", action="store_true", help="upload with the kaggle command")
+    data_dir(p)
+
+    p = command("server", "start a shared MLflow tracking server (PostgreSQL or SQLite backend)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything but loopback requires authentication")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend-store-uri", default="sqlite:///mlflow.db",
+                   help="e.g. postgresql://user@db-host/mlflow")
+    p.add_argument("--artifacts-destination", default="mlartifacts",
+                   help="where the server stores artifacts: a shared directory or s3://bucket/path")
+    p.add_argument("--auth", action="store_true", help="basic auth even on loopback")
+    p.add_argument("--auth-db-uri", default="", help="user database (empty: SQLite beside the server)")
+    p.add_argument("--workers", type=int, default=0, help="server worker processes (0: MLflow's)")
+    p.add_argument("--allowed-hosts", default="", help="host names clients use to reach the server")
+
+    p = command("ui", "start the MLflow UI on this folder's store and print the experiment's URL")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+
+    p = command("score", "score a submission against a solution file, as Kaggle does")
+    p.add_argument("submission", help="ImageId,Label CSV")
+    p.add_argument("solution", help="ImageId,Label CSV with the true labels")
+    return parser

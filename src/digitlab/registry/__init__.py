@@ -1,0 +1,72 @@
+"""The model registry: select the best trial(s) of a search, package and evaluate them
+through the serving path, register a version, load-check it, gate it, move the aliases.
+
+- `selection`: which runs (the one ranking of a search's trials, used everywhere);
+- `packaging`: the serving model, its evaluation (shared with `digitlab submit`), the
+  registered version and its load check;
+- `aliases`: the gate, `production` / `previous`, rollback.
+
+The policy (model name, gate, aliases, inference batch) is read from
+`registry/policy.yaml` (the working directory's, else the shipped one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+from mlflow import MlflowClient
+
+from digitlab import data as data_mod
+from digitlab.errors import UserError
+from digitlab.registry import aliases, packaging, selection
+from digitlab.registry.aliases import comparable, rollback
+from digitlab.registry.packaging import keras_file, predict_labels, register, to_rows
+from digitlab.registry.selection import latest_search_run, ranked_trials
+
+
+@dataclass(frozen=True)
+class Policy:
+    model_name: str = "digit-recognizer"
+    production_alias: str = "production"
+    previous_alias: str = "previous"
+    min_delta: float = 0.0
+    load_check_rows: int = 5
+    submission_path: str = "submissions/submission.csv"
+    predict_batch_size: int = 4096  # rows per prediction batch (serving, submit)
+
+
+def policy() -> Policy:
+    """registry/policy.yaml of the working directory, else the shipped one."""
+    from digitlab import resources
+
+    path = resources.optional("registry", "policy.yaml")
+    if path is None:
+        return Policy()
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = set(Policy.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return Policy(**raw)
+
+
+def promote(search_run_id: str | None = None, run_id: str | None = None, ensemble: int = 1,
+            tta: bool = False, min_delta: float | None = None, force: bool = False,
+            data_dir: str | None = None) -> tuple[bool, str, object]:
+    from digitlab import store
+
+    pol = policy()
+    dataset = data_mod.load(data_dir)
+    client = MlflowClient()
+    experiment_ids = [e] if (e := store.experiment_id()) else []
+    members, search_run = selection.select(client, experiment_ids, search_run_id, run_id, ensemble)
+    version = packaging.register(members, search_run, tta, dataset, pol)
+    packaging.load_check(pol.model_name, version.version, dataset, pol.load_check_rows)
+    moved, message = aliases.gate_and_move(client.get_model_version(pol.model_name, version.version), pol,
+                                   pol.min_delta if min_delta is None else min_delta, force)
+    return moved, message, version
+
+
+__all__ = ["Policy", "comparable", "keras_file", "latest_search_run", "policy", "predict_labels",
+           "promote", "ranked_trials", "register", "rollback", "to_rows"]

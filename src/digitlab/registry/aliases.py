@@ -1,0 +1,84 @@
+"""The gate and the aliases: `production` (what is served and exported) moves only to a
+version that beats it, the version it replaced becomes `previous`, and rollback swaps them
+back once the returning version passes its load check again."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from digitlab import data as data_mod
+from digitlab import osutil
+from digitlab.errors import UserError
+from digitlab.registry.packaging import load_check
+
+
+def comparable(candidate, current) -> tuple[str, float, float]:
+    """Holdout accuracy on the same data when both have it, else validation accuracy."""
+    c, p = candidate.tags, current.tags
+    if "holdout_accuracy" in c and "holdout_accuracy" in p and c.get("data_digest") == p.get("data_digest"):
+        return "holdout_accuracy", float(c["holdout_accuracy"]), float(p["holdout_accuracy"])
+    return "val_accuracy", float(c.get("val_accuracy", "nan")), float(p.get("val_accuracy", "nan"))
+
+
+def alias_lock(name: str):
+    """Promotions on this machine move aliases one at a time (gate and move are one step)."""
+    return osutil.file_lock(Path(tempfile.gettempdir()) / f"digitlab-promote-{name}.lock")
+
+
+def current(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def gate_and_move(candidate, pol, min_delta: float, force: bool) -> tuple[bool, str]:
+    client = MlflowClient()
+    name = pol.model_name
+    with alias_lock(name):
+        production = current(client, name, pol.production_alias)
+        if production is not None and production.version == candidate.version:
+            return False, f"version {candidate.version} is already {pol.production_alias}"
+        if production is not None and not force:
+            metric, new, old = comparable(candidate, production)
+            if not (new - old > 0 and new - old >= min_delta):
+                return False, (f"version {candidate.version} ({metric} {new:.4f}) does not beat "
+                               f"{pol.production_alias} version {production.version} ({old:.4f}) by "
+                               f"--min-delta {min_delta}; aliases unchanged (--force overrides)")
+        if production is not None:
+            client.set_registered_model_alias(name, pol.previous_alias, production.version)
+        client.set_registered_model_alias(name, pol.production_alias, candidate.version)
+    replaced = f" (previous: version {production.version})" if production is not None else ""
+    return True, f"version {candidate.version} is now {pol.production_alias}{replaced}"
+
+
+def rollback(pol, data_dir: str | None = None) -> str:
+    """Swap production and previous back, once the version that returns has passed the same
+    load check a promotion gets (its files may have changed since it was production)."""
+    client = MlflowClient()
+    name = pol.model_name
+
+    def aliased():
+        production = current(client, name, pol.production_alias)
+        previous = current(client, name, pol.previous_alias)
+        if production is None or previous is None:
+            raise UserError(f"nothing to roll back to: {name} needs both "
+                            f"{pol.production_alias} and {pol.previous_alias} aliases")
+        return production, previous
+
+    aliased()  # before the data are loaded (the default directory is written on first use)
+    dataset = data_mod.load(data_dir)
+    with alias_lock(name):
+        production, previous = aliased()
+        try:
+            load_check(name, previous.version, dataset, pol.load_check_rows)
+        except UserError as exc:
+            raise UserError(f"cannot roll back: {exc}") from None
+        client.set_registered_model_alias(name, pol.production_alias, previous.version)
+        client.set_registered_model_alias(name, pol.previous_alias, production.version)
+    return (f"{pol.production_alias} is version {previous.version} again; "
+            f"{pol.previous_alias} is version {production.version}")

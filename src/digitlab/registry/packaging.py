@@ -1,0 +1,188 @@
+"""The serving model of one or more runs: packaged as MLflow model code (serving.py),
+evaluated through the same path `digitlab submit` and `mlflow models serve` use,
+registered as a version, and load-checked before any alias moves."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from digitlab import data as data_mod
+from digitlab.errors import UserError, one_line
+
+log = logging.getLogger(__name__)
+
+
+def keras_file(run_id: str) -> str:
+    """The native .keras file of a run's logged model, downloaded locally."""
+    models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'",
+                                         output_format="list")
+    if not models:
+        raise UserError(f"run {run_id} has no logged model")
+    local = Path(mlflow.artifacts.download_artifacts(models[0].model_uri))
+    found = sorted(local.rglob("*.keras"))
+    if not found:
+        raise UserError(f"run {run_id}: logged model holds no .keras file")
+    return str(found[0])
+
+
+def check_member_loads(path: str, run_id: str) -> None:
+    """A member's .keras file must load before it is packaged: a damaged one is named by run."""
+    import keras
+
+    try:
+        keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise UserError(f"run {run_id}: its logged model cannot be loaded ({type(exc).__name__}: "
+                        f"{one_line(exc)}); nothing registered, aliases unchanged") from None
+
+
+def to_rows(images: np.ndarray) -> pd.DataFrame:
+    """Model-input images back to Kaggle rows (integers 0-255, pixel0..pixel783)."""
+    pixels = np.rint(images.reshape(len(images), -1) * 255).astype(np.int64)
+    return pd.DataFrame(pixels, columns=data_mod.PIXEL_COLUMNS)
+
+
+def predict_labels(model, rows: pd.DataFrame, batch_size: int,
+                   progress: Callable[[range], range] = lambda batches: batches) -> np.ndarray:
+    """Labels of `rows` from a pyfunc model, `batch_size` rows at a time (`progress` may wrap
+    the batches in a progress bar)."""
+    labels = [np.asarray(model.predict(rows.iloc[i : i + batch_size])["label"])
+              for i in progress(range(0, len(rows), batch_size))]
+    return np.concatenate(labels).astype(np.int64) if labels else np.empty(0, dtype=np.int64)
+
+
+def evaluate(model, members: list[Run], dataset: data_mod.DigitData, batch_size: int) -> dict:
+    """Validation accuracy on the members' own split, holdout accuracy when labels exist."""
+    run = members[0].data  # the split the members validated on, as their runs recorded it
+    try:
+        fraction, seed = float(run.tags["validation_fraction"]), int(run.tags["split_seed"])
+    except KeyError:
+        raise UserError(f"run {members[0].info.run_id} records no validation split (tags "
+                        "validation_fraction, split_seed): train it again with this version") from None
+    split = data_mod.split(dataset, fraction, seed)
+    metrics = {"val_accuracy": float(np.mean(
+        predict_labels(model, to_rows(split.val_images), batch_size) == split.val_labels))}
+    if dataset.test_labels is not None:
+        metrics["holdout_accuracy"] = float(np.mean(
+            predict_labels(model, to_rows(dataset.test_images), batch_size) == dataset.test_labels))
+    return metrics
+
+
+def source_key(members: list[Run], tta: bool) -> str:
+    return ",".join(r.info.run_id for r in members) + f"|tta={int(tta)}"
+
+
+def existing_version(client: MlflowClient, name: str, key: str):
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        for version in client.search_model_versions(f"name = '{name}'"):
+            if version.tags.get("source_key") == key:
+                return version
+    return None
+
+
+def register(members: list[Run], search_run: Run | None, tta: bool, dataset: data_mod.DigitData,
+             pol):
+    """Log the serving model for the member runs and register it as a new version."""
+    from mlflow.models import infer_signature
+
+    from digitlab import serving, tracking
+
+    client = MlflowClient()
+    key = source_key(members, tta)
+    if version := existing_version(client, pol.model_name, key):
+        log.info("these runs are already version %s of %s; not registering again", version.version,
+                 pol.model_name)
+        return version
+    digests = {m.data.params.get("data.digest") for m in members}
+    if digests != {dataset.digest}:
+        raise UserError(f"the runs were trained on data {sorted(digests)[0][:12]}, but the data "
+                        f"directory holds {dataset.digest[:12]}: pass the same --data-dir")
+    example = to_rows(dataset.test_images[:3])
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {}
+        for i, member in enumerate(members):
+            target = Path(tmp) / f"member_{i}.keras"
+            shutil.copyfile(keras_file(member.info.run_id), target)
+            check_member_loads(str(target), member.info.run_id)
+            artifacts[f"member_{i}"] = str(target)
+        kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
+        # The version's source run: nested under the trial it serves (or, for an ensemble,
+        # under the search, named after its members), so the registry links back to them.
+        names = ", ".join(m.info.run_name for m in members)
+        single = len(members) == 1
+        with tracking.open_run(
+            f"serving {names}" if single else f"ensemble of {len(members)}: {names}",
+            tags={"digitlab.kind": "promote", "source_key": key,
+                  "members": ",".join(m.info.run_id for m in members)},
+            parent_run_id=members[0].info.run_id if single else (
+                search_run.info.run_id if search_run else None),
+            experiment_id=members[0].info.experiment_id):
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=serving.__file__, artifacts=artifacts,
+                    model_config={"tta": tta}, input_example=example,
+                    signature=infer_signature(example, pd.DataFrame(
+                        {"label": [0], **{f"prob_{k}": [0.1] for k in range(10)}}).astype(
+                        {"label": "int64", **{f"prob_{k}": "float32" for k in range(10)}})),
+                    pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
+                )
+                model = mlflow.pyfunc.load_model(info.model_uri)
+                metrics = evaluate(model, members, dataset, pol.predict_batch_size)
+            except Exception as exc:  # the packaged model fails where the members loaded
+                runs = ", ".join(m.info.run_id for m in members)
+                raise UserError(f"the serving model of run{'s' if len(members) > 1 else ''} {runs} "
+                                f"failed to package or predict ({type(exc).__name__}: "
+                                f"{one_line(exc)}); nothing registered, aliases unchanged") from None
+            mlflow.log_metrics(metrics)
+    version = mlflow.register_model(info.model_uri, pol.model_name)
+    best = members[0]
+    tags = {
+        "source_key": key,
+        "val_accuracy": f"{metrics['val_accuracy']:.6f}",
+        "data_digest": dataset.digest,
+        "members": ",".join(m.info.run_id for m in members),
+        "tta": str(tta).lower(),
+        "trial_number": best.data.tags.get("trial_number", ""),
+        "search_run_id": search_run.info.run_id if search_run else "",
+    }
+    if "holdout_accuracy" in metrics:
+        tags["holdout_accuracy"] = f"{metrics['holdout_accuracy']:.6f}"
+    for k, v in tags.items():
+        client.set_model_version_tag(pol.model_name, version.version, k, v)
+    sampled = {k: v for k, v in best.data.params.items() if k.startswith("sampled.")}
+    description = (
+        f"{kind} from {'search run ' + search_run.info.run_id if search_run else 'run ' + best.info.run_id}"
+        f" (trial {tags['trial_number'] or '-'}, experiment {best.data.tags.get('experiment')}); "
+        f"validation accuracy {metrics['val_accuracy']:.4f}"
+        + (f", holdout accuracy {metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "")
+        + ("; test-time augmentation" if tta else "")
+        + (f"; parameters {sampled}" if sampled else "")
+    )
+    client.update_model_version(pol.model_name, version.version, description=description)
+    return client.get_model_version(pol.model_name, version.version)
+
+
+def load_check(name: str, version: str, dataset: data_mod.DigitData, rows: int) -> None:
+    """The registered version must load and predict valid labels before any alias moves."""
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        out = model.predict(to_rows(dataset.test_images[:rows]))
+        labels = np.asarray(out["label"])
+        if len(labels) != rows or labels.min() < 0 or labels.max() > 9:
+            raise ValueError(f"predicted {labels!r}")
+    except Exception as exc:
+        MlflowClient().set_model_version_tag(name, version, "load_check", "failed")
+        raise UserError(f"version {version} failed its load check ({type(exc).__name__}: "
+                        f"{one_line(exc)}); aliases unchanged") from None
+    MlflowClient().set_model_version_tag(name, version, "load_check", "passed")
