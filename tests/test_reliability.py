@@ -316,3 +316,44 @@ def test_sigterm_stops_the_whole_server_tree(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         if server.poll() is None:
             server.kill()
+
+
+# --- values that pass a range check but are not numbers a run can use ------------------
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "1e999"])
+def test_non_finite_config_floats_are_one_line_errors(workdir, tiny_dir, capsys, value):
+    code = cli.main(["train", "--experiment", "dnn", "--data-dir", str(tiny_dir),
+                     "--set", f"optimizer.learning_rate={value}"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "optimizer.learning_rate" in line and "is not a finite number" in line
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_non_finite_search_bounds_are_rejected(workdir, tiny_dir, capsys):
+    path = workdir / "inf.yaml"
+    path.write_text(TINY_SPACE.replace("high: 1.0e-2", "high: .inf"))
+    assert cli.main(["search", "--space", str(path), "--data-dir", str(tiny_dir)]) == 2
+    assert "low and high must be finite numbers" in capsys.readouterr().err
+    assert not (workdir / "optuna.journal").exists()
+
+
+def test_epochs_option_does_not_hide_a_bad_override(workdir, tiny_dir, capsys):
+    """--epochs is applied after --set, so a bad --set value is still checked."""
+    code = cli.main(["train", "--experiment", "dnn", "--epochs", "1", "--data-dir", str(tiny_dir),
+                     "--set", "training.epochs=abc"])
+    assert code == 2
+    assert "training.epochs: expected int, got 'abc'" in capsys.readouterr().err
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_command_line_budget_meets_the_search_file_checks(workdir, tiny_dir, capsys):
+    """--max-epochs replaces the file's budget before the checks: min_epochs 2 with
+    --max-epochs 1 is rejected as the same values in the file are."""
+    path = workdir / "budget.yaml"
+    path.write_text(TINY_SPACE.replace("pruner: none", "pruner: median, min_epochs: 2"))
+    assert cli.main(["search", "--space", str(path), "--max-epochs", "1",
+                     "--data-dir", str(tiny_dir)]) == 2
+    assert "optuna.min_epochs must be an integer from 1 to budget.max_epochs" in capsys.readouterr().err
+    assert not (workdir / "optuna.journal").exists() and not (workdir / "mlflow.db").exists()
