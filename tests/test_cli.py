@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.subprocess
+
 DIGITLAB = Path(sys.executable).parent / "digitlab"
 # TensorFlow/absl C++ log lines ("I0000 00:00:... cudart_stub.cc:31] ...") and their preamble
 LIBRARY_NOISE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl)|oneDNN|cuInit|"

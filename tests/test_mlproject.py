@@ -12,6 +12,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import EXPERIMENTS, REPO, TINY_SPACE
 
+pytestmark = pytest.mark.subprocess
+
 
 def mlflow_run(workdir: Path, entry: str, *params: str, experiment: str | None = "digit-recognizer",
                env_manager: str = "local", project: str = ".") -> subprocess.CompletedProcess:

@@ -400,6 +400,15 @@ def test_mlflow_run_search_entry_point(space_file, tiny_dir, workdir):
     assert parent.data.params["engine"] == "optuna"
     assert parent.info.status == "FINISHED"
     assert parent.info.run_name == "space-optuna"
+    # The same command on the finished study trains nothing; the run MLflow opened for it
+    # points at the study's parent run instead of standing there empty.
+    proc = mlflow_run(workdir, "search", f"space={space_file}", "trials=2", "max_epochs=1",
+                      f"data_dir={tiny_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (again,) = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list",
+                                  filter_string="tags.resumed_search_run_id LIKE '%'")
+    assert again.data.tags["resumed_search_run_id"] == parent.info.run_id
+    assert parent.info.run_id in again.data.tags["mlflow.note.content"]
 
 
 def test_bad_engine_and_workers_are_errors(space_file, tiny_dir, capsys):

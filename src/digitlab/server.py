@@ -44,6 +44,9 @@ def check_auth_settings(host: str, auth: bool) -> bool:
         auth = True  # never serve an unauthenticated tracking server beyond this machine
     if not auth:
         return False
+    # MLflow's auth app refuses these settings too, but only once the server is starting,
+    # with a traceback and exit status 1; checked here they are one line and exit 2, before
+    # anything starts.
     where = f"serving on {host}" if exposed else "--auth"
     password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD", "")
     if not password:

@@ -159,7 +159,7 @@ class KerasTunerEngine:
 
     def _run(self, trial) -> dict[str, float]:
         space = self.settings.space
-        values = {p.key: trial.hyperparameters.get(p.key) for p in space.params}
+        values = {p.key: params.rounded(trial.hyperparameters.get(p.key)) for p in space.params}
         epochs = trial.hyperparameters.values.get("tuner/epochs")
         log.info("trial %s: %s%s", trial.trial_id, console.values(values),
                  f" for {epochs} epochs" if epochs else "")

@@ -186,7 +186,7 @@ class OptunaEngine:
         while (trial := self._reserve()) is not None:
             # Values are drawn when suggested, by the study's sampler at that moment.
             self.study.sampler = _sampler(self.settings, trial.number)
-            values = {p.key: params.suggest(trial, p) for p in space.params}
+            values = {p.key: params.rounded(params.suggest(trial, p)) for p in space.params}
 
             def report(step: int, value: float, trial=trial) -> bool:
                 trial.report(value, step)

@@ -63,6 +63,18 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
     return run_id, experiment_id
 
 
+def point_to_parent(parent_run_id: str | None) -> None:
+    """Under `mlflow run`, a study that has nothing left to do still has the run MLflow
+    opened for the command: say in it where the study's results are."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if not launched or not parent_run_id or launched == parent_run_id:
+        return
+    client = MlflowClient()
+    client.set_tag(launched, "resumed_search_run_id", parent_run_id)
+    client.set_tag(launched, "mlflow.note.content",
+                   f"The study was already finished: its results are in run {parent_run_id}.")
+
+
 def reproduce_command(settings: Settings) -> str:
     """The command that runs this study again (or resumes it: the same study name)."""
     import shlex

@@ -94,6 +94,7 @@ def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> 
     if finished >= settings.trials:
         log.info("study %r is already finished (%d of %d trials); nothing to do",
                  settings.study, finished, settings.trials)
+        report.point_to_parent(engine.parent_run_id)
         return {"already_finished": True}
     with engine.lock():  # workers starting together on several machines share one parent run
         parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
