@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,18 @@ def _upper_limit(column: str) -> int:
     return np.iinfo(np.int64).max if column == "ImageId" else 255
 
 
+# One cell of each kind that needs no closer look: a label 0-9, a pixel 0-255, an ImageId.
+_CELL = {"label": "[0-9]", "Label": "[0-9]", "ImageId": "[0-9]+",
+         "pixel": "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"}
+
+
+def _sound_row(expected: list[str]) -> re.Pattern:
+    """A row that is certainly valid: the walk below skips such rows with one regex match
+    (in C) instead of converting each of its 785 cells in Python."""
+    cells = [_CELL.get(c, _CELL["pixel"]) for c in expected]
+    return re.compile(",".join(cells))
+
+
 def _first_problem(path: Path, expected: list[str]) -> str:
     """Walk a CSV that failed the fast parse and describe its first problem exactly."""
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -39,7 +52,10 @@ def _first_problem(path: Path, expected: list[str]) -> str:
         return f"{path}: file is empty"
     if len(lines) == 1:
         return f"{path}: no data rows after the header"
+    sound = _sound_row(expected)
     for number, line in enumerate(lines[1:], start=2):
+        if sound.fullmatch(line):
+            continue
         cells = line.split(",")
         if len(cells) != len(expected):
             if number == len(lines) and not ends_with_newline and len(cells) < len(expected):
