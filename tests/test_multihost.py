@@ -301,7 +301,7 @@ class Cluster:
         return d
 
     def env(self, host: str, **extra: str) -> dict:
-        """A host's whole environment: nothing of this process's but PATH and the backend."""
+        """A host's whole environment: of this process's, only PATH, the backend and TZ."""
         d = self.host_dir(host)
         env = {
             "PATH": f"{BIN}{os.pathsep}/usr/sbin:/usr/bin:/sbin:/bin",
@@ -313,8 +313,9 @@ class Cluster:
             "DIGITLAB_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
             "DIGITLAB_HEARTBEAT_GRACE": str(HEARTBEAT_GRACE),
         }
-        if backend := os.environ.get("KERAS_BACKEND"):
-            env["KERAS_BACKEND"] = backend
+        for name in ("KERAS_BACKEND", "TZ"):  # the same backend; clocks read alike (trial times)
+            if name in os.environ:
+                env[name] = os.environ[name]
         return {**env, **extra}
 
     def command(self, host: str, *args: str) -> list[str]:
@@ -440,7 +441,7 @@ def search_runs(client: MlflowClient) -> tuple[list, list]:
 def test_one_search_spread_over_two_hosts(cluster, monkeypatch):
     """Two hosts share one study's budget and parent run; every artifact reaches the server;
     a third host promotes and submits with nothing but the tracking URI and credentials."""
-    workers = [cluster.start(host, cluster.search(host, "--study", "spread", "--trials", "4",
+    workers = [cluster.start(host, cluster.search(host, "--study", "spread", "--trials", "3",
                                                   "--max-epochs", "1"))
                for host in ("a", "b")]
     wait_all([w for w, _ in workers], 600)
@@ -450,13 +451,13 @@ def test_one_search_spread_over_two_hosts(cluster, monkeypatch):
         assert not (d / "mlruns").exists() and not (d / "mlflow.db").exists()
 
     trials = trial_rows(cluster.local_storage, "spread")
-    assert [t["state"] for t in trials] == ["COMPLETE"] * 4  # the budget, shared exactly
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3  # the budget, shared, not per host
     assert {t["attrs"]["worker"].split(":")[0] for t in trials} == {"host-a", "host-b"}
 
     client = cluster.client(monkeypatch)
     parents, children = search_runs(client)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 4
+    assert len(children) == 3
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert all(c.info.status == "FINISHED" for c in children)
     assert {c.info.run_id for c in children} == {t["attrs"]["mlflow_run_id"] for t in trials}
