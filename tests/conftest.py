@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +91,67 @@ def workdir(tmp_path, monkeypatch) -> Path:
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
+
+
+# --- servers the distributed tests start -------------------------------------------
+
+PG = os.environ.get("DIGITLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The server's URL; without one these tests skip with the reason, except under CI=true
+    (CI starts PostgreSQL, so a skip there would hide a broken set-up)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(f"{PG}/postgres", connect_timeout=5):
+            return PG
+    except psycopg.OperationalError as exc:
+        reason = (f"no PostgreSQL at {PG} (set DIGITLAB_TEST_PG): "
+                  f"{str(exc).strip().splitlines()[0]}")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true needs PostgreSQL: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def database(postgres):
+    """Makes a fresh PostgreSQL database per call (returns its URL), dropped afterwards."""
+    import psycopg
+
+    made = []
+
+    def make() -> str:
+        name = f"digitlab_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return f"{PG}/{name}"
+
+    yield make
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as connection:
+        for name in made:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path | None = None, seconds: int = 180) -> None:
+    """Until the server at `url` answers /health; fails with its log if it exits or hangs."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return
+        except OSError:
+            told = log.read_text()[-3000:] if log else ""
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited ({proc.returncode}): {told}") from None
+            if time.time() > deadline:
+                raise AssertionError(f"{url} did not answer /health in {seconds} s: {told}") from None
+            time.sleep(0.5)

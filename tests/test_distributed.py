@@ -4,7 +4,6 @@ host name), so a dead worker is found by its missing heartbeats, as across machi
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,69 +16,23 @@ from pathlib import Path
 
 import mlflow
 import optuna
-import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_SPACE
+from tests.conftest import TINY_SPACE, free_port, wait_healthy
 
 pytestmark = pytest.mark.distributed
 
-PG = os.environ.get("DIGITLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 SPACE = TINY_SPACE.replace("trials: 3, max_epochs: 2", "trials: 4, max_epochs: 3").replace("sampler: tpe", "sampler: random")
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="session")
-def postgres() -> str:
-    """The server's URL; without one these tests skip with the reason, except under CI=true
-    (CI starts PostgreSQL, so a skip there would hide a broken set-up)."""
-    try:
-        with psycopg.connect(f"{PG}/postgres", connect_timeout=5):
-            return PG
-    except psycopg.OperationalError as exc:
-        reason = (f"no PostgreSQL at {PG} (set DIGITLAB_TEST_PG): "
-                  f"{str(exc).strip().splitlines()[0]}")
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true needs PostgreSQL: {reason}")
-        pytest.skip(reason)
 
 
-@pytest.fixture
-def database(postgres):
-    """A fresh PostgreSQL database per use, dropped afterwards."""
-    made = []
-
-    def make() -> str:
-        name = f"digitlab_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(f"{PG}/postgres", autocommit=True) as connection:
-            connection.execute(f"CREATE DATABASE {name}")
-        made.append(name)
-        return f"{PG}/{name}"
-
-    yield make
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as connection:
-        for name in made:
-            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, seconds: int = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(log.read_text()[-3000:]) from None
-            time.sleep(1)
-    raise AssertionError("the tracking server did not come up")
 
 
 def start_server(tmp_path: Path, backend: str, *extra: str, env: dict | None = None):

@@ -26,7 +26,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +33,10 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_SPACE
+from tests.conftest import PG, TINY_SPACE, free_port, wait_healthy
 
-pytestmark = [pytest.mark.multihost, pytest.mark.distributed]
+pytestmark = [pytest.mark.multihost, pytest.mark.distributed, pytest.mark.slow]
 
-PG = os.environ.get("DIGITLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 BIN = Path(sys.executable).parent
 IP = shutil.which("ip")
 HOSTS = ("a", "b", "c")
@@ -63,40 +61,6 @@ def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Comp
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}{f' (in {ns})' if ns else ''}: {proc.stderr.strip()}")
     return proc
-
-
-# --- PostgreSQL (as in test_distributed.py) ---------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres() -> str:
-    try:
-        with psycopg.connect(f"{PG}/postgres", connect_timeout=5):
-            return PG
-    except psycopg.OperationalError as exc:
-        reason = (f"no PostgreSQL at {PG} (set DIGITLAB_TEST_PG): "
-                  f"{str(exc).strip().splitlines()[0]}")
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true needs PostgreSQL: {reason}")
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def database(postgres):
-    """A fresh database per call (its name), dropped afterwards."""
-    made = []
-
-    def make() -> str:
-        name = f"digitlab_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(f"{PG}/postgres", autocommit=True) as connection:
-            connection.execute(f"CREATE DATABASE {name}")
-        made.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as connection:
-        for name in made:
-            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # --- the network ------------------------------------------------------------------------
@@ -260,23 +224,8 @@ def make_lan(stack: contextlib.ExitStack) -> Lan:
     return lan
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, seconds: int = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(log.read_text()[-3000:]) from None
-            time.sleep(1)
-    raise AssertionError(f"the tracking server did not come up: {log.read_text()[-3000:]}")
 
 
-def free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -352,7 +301,7 @@ def cluster(netns_available, database, tmp_path, tiny_dir):
         forwarder = Forwarder(lan.host_ip, (pg.hostname or "127.0.0.1", pg.port or 5432))
         stack.callback(forwarder.stop)
         pg_user = pg.netloc.rsplit("@", 1)[0] if "@" in pg.netloc else ""
-        optuna_db, mlflow_db, auth_db = database(), database(), database()
+        optuna_db, mlflow_db, auth_db = (database().rsplit("/", 1)[1] for _ in range(3))
 
         port = free_port(lan.host_ip)
         server_dir = tmp_path / "tracking-host"

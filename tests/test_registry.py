@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from digitlab import cli, registry, submission
-from tests.conftest import REPO, TINY_SPACE
+from tests.conftest import REPO, TINY_SPACE, free_port
 
 SPACE = TINY_SPACE.replace("sampler: tpe", "sampler: random").replace("low: 1.0e-3", "low: 1.0e-4")
 
@@ -377,10 +376,6 @@ def test_score_as_kaggle(tmp_path, capsys):
     assert "accuracy 0.66667" in capsys.readouterr().out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mlflow_models_serve_answers_raw_pixel_rows(store, tiny_dir):

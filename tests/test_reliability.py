@@ -5,11 +5,9 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,7 +17,7 @@ from mlflow import MlflowClient
 
 from digitlab import cli, data, osutil, registry, submission
 from digitlab.errors import DataError
-from tests.conftest import TINY_SPACE
+from tests.conftest import TINY_SPACE, free_port, wait_healthy
 
 # --- diverged or chance-level training --------------------------------------------------
 
@@ -265,10 +263,6 @@ def tree_of(root: int) -> dict[int, tuple]:
             if pid in tree or s[2] in groups or s[3] in groups}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def leftovers(tree: dict[int, tuple]) -> dict[int, tuple]:
@@ -292,15 +286,7 @@ def test_sigterm_stops_the_whole_server_tree(tmp_path):
     )
     tree = {}
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()[-3000:]
-                assert time.time() < deadline, "the server did not answer /health"
-                time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", server)
         time.sleep(2)  # the job runner starts its consumers beside the web workers
         tree = tree_of(server.pid)
         assert len(tree) > 2, tree  # the server's workers and consumers are in it

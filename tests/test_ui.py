@@ -9,18 +9,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from digitlab import cli
-from tests.conftest import TINY_SPACE
+from tests.conftest import TINY_SPACE, free_port, wait_healthy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -47,10 +44,6 @@ def page_text(browser: str, url: str, screenshot: Path) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -71,14 +64,7 @@ def test_the_printed_url_shows_the_search_and_its_trials(workdir, tiny_dir, brow
         url = lines[1].strip()
         assert url == (f"http://127.0.0.1:{port}/#/experiments/{parent.info.experiment_id}/runs"
                        "?workflowType=machine_learning"), lines
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and ui.poll() is None, "the UI did not start"
-                time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}", ui)
 
         runs_page = page_text(browser, url, workdir / "runs.png")
         # The model-training view (not GenAI's traces), the search's parent run, its two

@@ -11,6 +11,7 @@ import os
 
 import mlflow
 
+from digitlab import osutil
 from digitlab.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -44,18 +45,14 @@ def configure() -> str:
         mark_model_training(chosen_id)
         return uri
     name = experiment_name()
-    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    try:
-        mlflow.set_experiment(name)
-    except mlflow.exceptions.MlflowException:
-        mlflow.set_experiment(name)  # a parallel process created it first
     # set_experiment also exports the id in MLFLOW_EXPERIMENT_ID; put back what was there,
     # or a later `configure` in this process (for another store, say) or a subprocess would
     # take the id for the user's choice.
-    if before is None:
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    else:
-        os.environ["MLFLOW_EXPERIMENT_ID"] = before
+    with osutil.environ(MLFLOW_EXPERIMENT_ID=os.environ.get("MLFLOW_EXPERIMENT_ID")):
+        try:
+            mlflow.set_experiment(name)
+        except mlflow.exceptions.MlflowException:
+            mlflow.set_experiment(name)  # a parallel process created it first
     mark_model_training(experiment_id())
     return uri
 

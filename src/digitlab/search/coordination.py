@@ -89,6 +89,9 @@ def storage_for(url: str, on_stale_trial: Callable) -> optuna.storages.BaseStora
 
 
 def redact(url: str) -> str:
+    """A storage URL without its password (a journal file path is returned as it is)."""
+    if not is_rdb(url):
+        return url
     from sqlalchemy.engine import make_url
 
     try:

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from digitlab import console, registry, store
 from digitlab.search import params
 from digitlab.search import trial as trial_mod
+from digitlab.search.coordination import redact
 from digitlab.search.settings import Settings
 from digitlab.search.space import Param
 
@@ -48,7 +49,8 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
         "objective.direction": space.direction, "budget.trials": settings.trials,
         "budget.max_epochs": settings.max_epochs,
         "budget.minutes": settings.space.minutes or "none", "seed": settings.seed,
-        "storage": settings.storage or "default", "workers": settings.workers,
+        "storage": redact(settings.storage) if settings.storage else "default",
+        "workers": settings.workers,
         "optuna.sampler": space.sampler, "optuna.pruner": space.pruner,
         "kerastuner.tuner": space.tuner,
     }.items():
@@ -85,8 +87,8 @@ def reproduce_command(settings: Settings) -> str:
     if space.minutes:
         words += ["--minutes", f"{space.minutes:g}"]
     words += ["--seed", str(settings.seed), "--study", settings.study]
-    if settings.storage:
-        words += ["--storage", settings.storage]
+    if settings.storage:  # a password in it stays out of the store: anyone may read runs
+        words += ["--storage", redact(settings.storage)]
     if settings.workers > 1:
         words += ["--workers", str(settings.workers)]
     if settings.data_dir:

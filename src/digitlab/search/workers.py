@@ -11,6 +11,7 @@ import os
 import threading
 import time
 
+from digitlab import osutil
 from digitlab.errors import SearchFailed
 from digitlab.search.engine import Engine
 from digitlab.search.settings import Settings
@@ -33,20 +34,13 @@ def run_workers(settings: Settings, parent_run_id: str, experiment_id: str) -> N
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked TF state
     gpus = runtime.gpu_count()
     processes = []
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
-        for i in range(settings.workers):
-            if gpus:
-                os.environ["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+    for i in range(settings.workers):
+        gpu = str(i % gpus) if gpus else os.environ.get("CUDA_VISIBLE_DEVICES")
+        with osutil.environ(CUDA_VISIBLE_DEVICES=gpu):  # what the spawned worker inherits
             p = context.Process(target=_worker, name=f"digitlab-worker-{i}", daemon=True,
                                 args=(settings, parent_run_id, experiment_id, os.getpid()))
             p.start()
-            processes.append(p)
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        processes.append(p)
     for p in processes:
         p.join()
     failed = [f"{p.name} (exit {p.exitcode})" for p in processes if p.exitcode != 0]
