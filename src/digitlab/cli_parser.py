@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=0,
                    help="start no trial after this many minutes (0: the file's budget.minutes, if any)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument("--folds", type=int, default=0,
+                   help="K-fold validation: each trial trains K models on stratified folds and "
+                        "is scored by their out-of-fold predictions (0: the search file's "
+                        "validation.folds, if any; else one validation split)")
     p.add_argument("--storage", default="",
                    help="Optuna: a journal file (empty: optuna.journal) or an RDB URL; "
                         "KerasTuner: a directory (empty: kerastuner/)")

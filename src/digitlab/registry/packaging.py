@@ -18,22 +18,53 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from digitlab import data as data_mod
+from digitlab import folds
 from digitlab.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
 
-def keras_file(run_id: str) -> str:
-    """The native .keras file of a run's logged model, downloaded locally."""
+def _download(model, run_id: str) -> str:
+    local = Path(mlflow.artifacts.download_artifacts(model.model_uri))
+    found = sorted(local.rglob("*.keras"))
+    if not found:
+        raise UserError(f"run {run_id}: logged model {model.name} holds no .keras file")
+    return str(found[0])
+
+
+def _logged_models(run_id: str) -> list:
     models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'",
                                          output_format="list")
     if not models:
         raise UserError(f"run {run_id} has no logged model")
-    local = Path(mlflow.artifacts.download_artifacts(models[0].model_uri))
-    found = sorted(local.rglob("*.keras"))
-    if not found:
-        raise UserError(f"run {run_id}: logged model holds no .keras file")
-    return str(found[0])
+    return models
+
+
+def keras_file(run_id: str) -> str:
+    """The native .keras file of a run's logged model, downloaded locally (a K-fold trial's
+    first fold: `keras_files` gives all of a run's models)."""
+    models = sorted(_logged_models(run_id), key=lambda m: m.name)
+    return _download(models[0], run_id)
+
+
+def fold_count(run: Run) -> int:
+    """K for a trial validated on K folds (tag validation_folds), else 0."""
+    return int(run.data.tags.get("validation_folds") or 0)
+
+
+def keras_files(run: Run) -> list[str]:
+    """Every model a run serves with: its one model, or a K-fold trial's K fold models in
+    fold order (`fold_1` ... `fold_K`), all of them or an error."""
+    run_id, k = run.info.run_id, fold_count(run)
+    models = _logged_models(run_id)
+    if not k:
+        return [_download(models[0], run_id)]
+    by_name = {m.name: m for m in models}
+    names = [folds.MODEL_NAME.format(i) for i in range(1, k + 1)]
+    if missing := [n for n in names if n not in by_name]:
+        raise UserError(f"run {run_id} validated on {k} folds but has no logged model {missing[0]}; "
+                        "nothing registered, aliases unchanged")
+    return [_download(by_name[n], run_id) for n in names]
 
 
 def check_member_loads(path: str, run_id: str) -> None:
@@ -62,17 +93,45 @@ def predict_labels(model, rows: pd.DataFrame, batch_size: int,
     return np.concatenate(labels).astype(np.int64) if labels else np.empty(0, dtype=np.int64)
 
 
-def evaluate(model, members: list[Run], dataset: data_mod.DigitData, batch_size: int) -> dict:
-    """Validation accuracy on the members' own split, holdout accuracy when labels exist."""
-    run = members[0].data  # the split the members validated on, as their runs recorded it
-    try:
-        fraction, seed = float(run.tags["validation_fraction"]), int(run.tags["split_seed"])
-    except KeyError:
-        raise UserError(f"run {members[0].info.run_id} records no validation split (tags "
-                        "validation_fraction, split_seed): train it again with this version") from None
-    split = data_mod.split(dataset, fraction, seed)
-    metrics = {"val_accuracy": float(np.mean(
-        predict_labels(model, to_rows(split.val_images), batch_size) == split.val_labels))}
+def validation_of(members: list[Run]) -> tuple[int, int]:
+    """(K, split seed) of K-fold members, (0, 0) for single-split ones. An ensemble's members
+    must share their folds: out-of-fold predictions exist only for the same folds."""
+    kinds = {(fold_count(m), m.data.tags.get("split_seed")) for m in members}
+    k, seed = next(iter(kinds))
+    if len(kinds) > 1 and any(fold_count(m) for m in members):
+        raise UserError("the runs were validated differently (folds "
+                        f"{sorted({fold_count(m) for m in members})}, split seeds "
+                        f"{sorted({str(m.data.tags.get('split_seed')) for m in members})}): an "
+                        "ensemble of K-fold trials needs the same folds; promote them separately")
+    if k and seed is None:
+        raise UserError(f"run {members[0].info.run_id} records no split_seed tag")
+    return k, int(seed) if k else 0
+
+
+def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_mod.DigitData,
+             batch_size: int, tta: bool) -> dict:
+    """Validation accuracy on the members' own split, holdout accuracy when labels exist.
+
+    K-fold members are scored out of fold: each training image by the fold models that held
+    it out (`folds.oof_probabilities`), not by all of them, most of which trained on it.
+    """
+    k, seed = validation_of(members)
+    if k:
+        import keras
+
+        models = [[keras.saving.load_model(path, compile=False) for path in group] for group in groups]
+        oof = folds.oof_probabilities(models, dataset, k, seed, tta)
+        metrics = {"val_accuracy": float(np.mean(oof.argmax(1) == dataset.train_labels))}
+    else:
+        run = members[0].data  # the split the members validated on, as their runs recorded it
+        try:
+            fraction, seed = float(run.tags["validation_fraction"]), int(run.tags["split_seed"])
+        except KeyError:
+            raise UserError(f"run {members[0].info.run_id} records no validation split (tags "
+                            "validation_fraction, split_seed): train it again with this version") from None
+        split = data_mod.split(dataset, fraction, seed)
+        metrics = {"val_accuracy": float(np.mean(
+            predict_labels(model, to_rows(split.val_images), batch_size) == split.val_labels))}
     if dataset.test_labels is not None:
         metrics["holdout_accuracy"] = float(np.mean(
             predict_labels(model, to_rows(dataset.test_images), batch_size) == dataset.test_labels))
@@ -108,15 +167,24 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
     if digests != {dataset.digest}:
         raise UserError(f"the runs were trained on data {sorted(digests)[0][:12]}, but the data "
                         f"directory holds {dataset.digest[:12]}: pass the same --data-dir")
+    k, _ = validation_of(members)
     example = to_rows(dataset.test_images[:3])
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {}
-        for i, member in enumerate(members):
-            target = Path(tmp) / f"member_{i}.keras"
-            shutil.copyfile(keras_file(member.info.run_id), target)
-            check_member_loads(str(target), member.info.run_id)
-            artifacts[f"member_{i}"] = str(target)
+        # Every model of every member is one artifact (serving.py averages member_*): a
+        # K-fold trial brings its K fold models, an ensemble of N such trials N x K.
+        artifacts, groups = {}, []
+        for member in members:
+            groups.append([])
+            for source in keras_files(member):
+                target = Path(tmp) / f"member_{len(artifacts)}.keras"
+                shutil.copyfile(source, target)
+                check_member_loads(str(target), member.info.run_id)
+                artifacts[target.stem] = str(target)
+                groups[-1].append(str(target))
         kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
+        if k:
+            plural = "s" if len(members) > 1 else ""
+            kind = f"ensemble of {len(artifacts)} ({len(members)} trial{plural} x {k} folds)"
         # The version's source run: nested under the trial it serves (or, for an ensemble,
         # under the search, named after its members), so the registry links back to them.
         names = ", ".join(m.info.run_name for m in members)
@@ -138,7 +206,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                     pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
                 )
                 model = mlflow.pyfunc.load_model(info.model_uri)
-                metrics = evaluate(model, members, dataset, pol.predict_batch_size)
+                metrics = evaluate(model, members, groups, dataset, pol.predict_batch_size, tta)
             except Exception as exc:  # the packaged model fails where the members loaded
                 runs = ", ".join(m.info.run_id for m in members)
                 raise UserError(f"the serving model of run{'s' if len(members) > 1 else ''} {runs} "
@@ -153,18 +221,22 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         "data_digest": dataset.digest,
         "members": ",".join(m.info.run_id for m in members),
         "tta": str(tta).lower(),
+        "ensemble_members": str(len(artifacts)),  # models averaged: members x folds
         "trial_number": best.data.tags.get("trial_number", ""),
         "search_run_id": search_run.info.run_id if search_run else "",
     }
+    if k:
+        tags["validation_folds"] = str(k)
     if "holdout_accuracy" in metrics:
         tags["holdout_accuracy"] = f"{metrics['holdout_accuracy']:.6f}"
-    for k, v in tags.items():
-        client.set_model_version_tag(pol.model_name, version.version, k, v)
+    for key, value in tags.items():
+        client.set_model_version_tag(pol.model_name, version.version, key, value)
     sampled = {k: v for k, v in best.data.params.items() if k.startswith("sampled.")}
     description = (
         f"{kind} from {'search run ' + search_run.info.run_id if search_run else 'run ' + best.info.run_id}"
         f" (trial {tags['trial_number'] or '-'}, experiment {best.data.tags.get('experiment')}); "
         f"validation accuracy {metrics['val_accuracy']:.4f}"
+        + (f" (out of fold, {k} folds)" if k else "")
         + (f", holdout accuracy {metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "")
         + ("; test-time augmentation" if tta else "")
         + (f"; parameters {sampled}" if sampled else "")

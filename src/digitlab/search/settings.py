@@ -35,10 +35,16 @@ class Settings:
     def max_epochs(self) -> int:
         return self.space.max_epochs
 
+    @property
+    def folds(self) -> int:
+        """K of K-fold validation (the file's, or --folds); 0: one validation split."""
+        return self.space.folds
+
 
 def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
                   max_epochs: int | None = None, minutes: float | None = None, workers: int = 1, storage: str | None = None,
-                  study: str | None = None, data_dir: str | None = None, seed: int = 42) -> Settings:
+                  study: str | None = None, data_dir: str | None = None, seed: int = 42,
+                  folds: int | None = None) -> Settings:
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
     if workers < 1:
@@ -48,9 +54,16 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
     for option, value in (("--trials", trials), ("--max-epochs", max_epochs), ("--minutes", minutes)):
         if value is not None and (value < 0 or value != value or value == float("inf")):
             raise UserError(f"{option} must be a positive number (0: the search file's)")
+    if folds is not None and (folds < 0 or folds == 1):
+        raise UserError("--folds must be at least 2 (0: the search file's validation.folds)")
     # Budget options take the place of the file's values before the file is checked, so
-    # they meet the same rules (e.g. optuna.min_epochs <= budget.max_epochs).
+    # they meet the same rules (e.g. optuna.min_epochs <= budget.max_epochs); so does
+    # --folds (e.g. an objective that has an out-of-fold value).
     budget = {"trials": trials or None, "max_epochs": max_epochs or None, "minutes": minutes or None}
-    space: StudyFile = space_mod.load(space_path, {k: v for k, v in budget.items() if v})
-    return Settings(space=space, engine=engine, study=study or f"{space.name}-{engine}",
+    space: StudyFile = space_mod.load(space_path, {k: v for k, v in budget.items() if v},
+                                      folds=folds or None)
+    # A K-fold study of a file is another study than its single-split one (their objectives
+    # differ), so by default it gets a name of its own and neither resumes the other.
+    default = f"{space.name}-{engine}" + (f"-{space.folds}fold" if space.folds else "")
+    return Settings(space=space, engine=engine, study=study or default,
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed)

@@ -1,7 +1,7 @@
 """Search-space files (`search/*.yaml`): one format for both engines.
 
-A file names the experiment(s), the objective, the budget, engine options and
-the space: dotted config keys mapped to int, float (optionally log) or
+A file names the experiment(s), the objective, the budget, engine options, how
+trials are validated (one split, or `validation: {folds: K}`) and the space: dotted config keys mapped to int, float (optionally log) or
 categorical ranges, and optionally where to start: values for the first trial
 of a new study. With several experiments, the architecture itself is a
 categorical parameter named `experiment`. Everything is checked here, before
@@ -20,6 +20,7 @@ from typing import Any
 from digitlab import config as config_mod
 from digitlab import resources
 from digitlab.errors import ConfigError
+from digitlab.folds import OOF_METRICS
 from digitlab.metrics import OBJECTIVE_METRICS
 
 ARCHITECTURE_KEY = "experiment"
@@ -55,6 +56,7 @@ class StudyFile:
     min_epochs: int = 1  # epochs every Optuna trial trains before it can be pruned
     tuner: str = "hyperband"
     max_consecutive_failures: int = 3
+    folds: int = 0  # validation.folds: K-fold validation with K >= 2; 0: one validation split
     fixed: dict = field(default_factory=dict)  # overrides applied to every trial
     params: tuple[Param, ...] = ()
     # Values for the first trial of a new study (e.g. a known-good recipe), so a short
@@ -75,6 +77,8 @@ class StudyFile:
             "fixed": self.fixed,
             "params": [asdict(p) for p in self.params],
         }
+        if self.folds:  # trials scored out of fold are not comparable with single-split ones
+            data["folds"] = self.folds
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
     def overrides(self, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -87,7 +91,7 @@ class StudyFile:
     def trial_config(self, values: dict[str, Any], seed: int, number: int = 0,
                      epochs: int | None = None):
         """Trial `number` of a study with `seed`: every trial is scored on the study seed's
-        validation split, and trains from its own seed (seed + number): its own initial
+        validation split (or its K folds), and trains from its own seed (seed + number): its own initial
         weights, batch order and augmentation: models that differ only in hyperparameters
         but share a seed make the same mistakes, which leaves an ensemble of them nothing
         to average out."""
@@ -161,16 +165,17 @@ def _samples(p: Param) -> list[Any]:
     return [p.low, p.high]
 
 
-def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = None) -> StudyFile:
+def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = None,
+         folds: int | None = None) -> StudyFile:
     """A search file by name (`quick`) or path, found as `resources.find` finds it.
 
-    `budget_overrides` (trials, max_epochs, minutes from the command line) replace the
-    file's budget before the checks, so they meet the same rules as the file's values.
+    `budget_overrides` (trials, max_epochs, minutes from the command line) and `folds`
+    (--folds) replace the file's values before the checks, so they meet the same rules.
     """
     path = resources.find("search", str(name_or_path))
     raw = config_mod.read_mapping(path)
     known_sections = {"description", "experiments", "experiment", "objective", "budget", "optuna",
-                      "kerastuner", "fixed", "space", "start", "max_consecutive_failures"}
+                      "kerastuner", "fixed", "space", "start", "max_consecutive_failures", "validation"}
     unknown = sorted(set(raw) - known_sections)
     if unknown:
         raise ConfigError(f"{path}: unknown section {unknown[0]!r}")
@@ -189,10 +194,14 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
     fixed = raw.get("fixed") or {}
     space = raw.get("space") or {}
     start = raw.get("start") or {}
+    validation = raw.get("validation") or {}
     for name, section in (("objective", objective), ("budget", budget), ("optuna", optuna_opts),
-                          ("kerastuner", kt_opts), ("fixed", fixed), ("space", space), ("start", start)):
+                          ("kerastuner", kt_opts), ("fixed", fixed), ("space", space), ("start", start),
+                          ("validation", validation)):
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {name} must be a mapping")
+    if unknown := sorted(set(validation) - {"folds"}):
+        raise ConfigError(f"{path}: unknown option validation.{unknown[0]} (known: folds)")
 
     params = [_param(k, v, f"{path}: space.{k}") for k, v in space.items()]
     if len(experiments) > 1:
@@ -214,6 +223,7 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
         min_epochs=optuna_opts.get("min_epochs", 1),
         tuner=kt_opts.get("tuner", "hyperband"),
         max_consecutive_failures=raw.get("max_consecutive_failures", 3),
+        folds=validation.get("folds", 0) if folds is None else folds,
         fixed=dict(fixed),
         params=tuple(params),
         start=dict(start),
@@ -241,6 +251,11 @@ def _check(s: StudyFile) -> None:
         (s.tuner in KERASTUNER_TUNERS, f"kerastuner.tuner must be one of {', '.join(KERASTUNER_TUNERS)}"),
         (isinstance(s.max_consecutive_failures, int) and s.max_consecutive_failures >= 1,
          "max_consecutive_failures must be a positive integer"),
+        (isinstance(s.folds, int) and not isinstance(s.folds, bool) and (s.folds == 0 or s.folds >= 2),
+         "validation.folds must be a whole number of at least 2 (0: one validation split)"),
+        (not s.folds or s.metric in OOF_METRICS,
+         f"validation.folds scores trials out of fold: objective.metric must be "
+         f"{' or '.join(OOF_METRICS)} (got {s.metric!r})"),
     ]
     for ok, message in checks:
         if not ok:
