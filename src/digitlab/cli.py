@@ -89,17 +89,20 @@ def cmd_compare(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from digitlab import config, data, search
+    from digitlab import config, data, folds, search
 
     settings = search.make_settings(
         args.space, engine=args.engine, trials=args.trials, max_epochs=args.max_epochs,
         minutes=args.minutes, workers=args.workers, storage=args.storage or None,
-        study=args.study or None, data_dir=args.data_dir, seed=args.seed,
+        study=args.study or None, data_dir=args.data_dir, seed=args.seed, folds=args.folds,
     )
     dataset = data.load(settings.data_dir)
-    for name in settings.space.experiments:
-        fraction = config.load_experiment(name, settings.space.fixed).training.validation_fraction
-        data.check_split(dataset, fraction)
+    if settings.folds:  # the folds replace each experiment's validation split
+        folds.check(dataset, settings.folds)
+    else:
+        for name in settings.space.experiments:
+            fraction = config.load_experiment(name, settings.space.fixed).training.validation_fraction
+            data.check_split(dataset, fraction)
     console.import_backend()
     summary = search.run_study(settings, dataset)
     if summary.get("already_finished"):
@@ -115,7 +118,9 @@ def cmd_search(args) -> int:
               f"{settings.trials} trials, {completed} completed (an ensemble of K needs K); "
               "the same command goes on with the study")
     if best:
-        print(f"best trial {best['number']}: {settings.space.metric} {best['value']:.4f} "
+        metric = (f"{folds.OOF_METRICS[settings.space.metric]} ({settings.folds}-fold)"
+                  if settings.folds else settings.space.metric)
+        print(f"best trial {best['number']}: {metric} {best['value']:.4f} "
               f"(MLflow run {best['run_id']})")
     print(f"parent MLflow run {summary['parent_run_id']}; next: digitlab promote")
     return 0
