@@ -57,11 +57,13 @@ def tracked_run(
     nested: bool = False,
     on_start: Callable[[str], None] | None = None,
     verbose: int | str = "auto",
+    fit: Callable[..., train.Result] | None = None,
 ) -> tuple[str, train.Result, Verdict]:
     """Train `config` on `data` as one MLflow run; returns its id, the result and verdict.
 
     `on_start(run_id)` runs once the run exists (an engine records the id); an exception
-    from training ends the run FAILED and propagates.
+    from training ends the run FAILED and propagates. `fit` trains in place of `train.run`,
+    with its arguments (a K-fold trial trains one model per fold through it, in this run).
     """
     with tracking.open_run(name or config.name, nested=nested, tags=tags,
                            parent_run_id=parent_run_id, experiment_id=experiment_id,
@@ -71,8 +73,8 @@ def tracked_run(
         tracking.log_setup(config, data)
         if params:
             mlflow.log_params(params)
-        result = train.run(config, data, callbacks=list(callbacks),
-                           on_epoch=tracking.epoch_logger(handle.run_id), verbose=verbose)
+        result = (fit or train.run)(config, data, callbacks=list(callbacks),
+                                    on_epoch=tracking.epoch_logger(handle.run_id), verbose=verbose)
         verdict = judge(result)
         if verdict.log_result:
             tracking.log_result(result, with_model=verdict.log_model)

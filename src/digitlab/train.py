@@ -126,14 +126,18 @@ def run(
     callbacks: list[keras.callbacks.Callback] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     verbose: int | str = "auto",
+    split: Split | None = None,
 ) -> Result:
     """Build, compile and fit the experiment; evaluate on validation and, if known, holdout.
 
     `on_epoch(epoch, metrics)` receives every epoch's finite metrics (MLflow logging);
-    `callbacks` run after the record (pruning), before the recipe's own."""
-    data_mod.check_split(data, config.training.validation_fraction)  # callers check first too
+    `callbacks` run after the record (pruning), before the recipe's own. `split` replaces
+    the config's own validation split (`training.validation_fraction`, `split_seed`): a
+    K-fold trial trains once per fold (`digitlab.folds`)."""
+    if split is None:
+        data_mod.check_split(data, config.training.validation_fraction)  # callers check first too
+        split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
     runtime.seed_everything(config.seed)
-    split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
 
     keras.backend.clear_session()
     # After clear_session, which resets the global dtype policy to float32.
