@@ -4,7 +4,6 @@ back once the returning version passes its load check again."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -25,8 +24,9 @@ def comparable(candidate, current) -> tuple[str, float, float]:
 
 
 def alias_lock(name: str):
-    """Promotions on this machine move aliases one at a time (gate and move are one step)."""
-    return osutil.file_lock(Path(tempfile.gettempdir()) / f"digitlab-promote-{name}.lock")
+    """Promotions from this folder move aliases one at a time (gate and move are one step);
+    the lock file sits in the working directory with the store it guards."""
+    return osutil.file_lock(Path(f".digitlab-promote-{name}.lock"))
 
 
 def current(client: MlflowClient, name: str, alias: str):
