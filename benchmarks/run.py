@@ -6,8 +6,9 @@
 Groups (--only): train (training throughput on the CPU), data (loading a Kaggle-size
 train.csv), search (pruning, engines, parallel workers), default (the default search, then
 promote and submit: about 20 minutes; not run with --quick), inference (test.csv to
-submission.csv), reject (a malformed train.csv rejected by `digitlab train`), gpu (training
-throughput on a GPU, when there is one).
+submission.csv), reject (a malformed train.csv rejected by `digitlab train`), selection (one
+validation split against 3- and 5-fold validation: how well each ranks trials, what promote
+then registers; about an hour and a half), gpu (training throughput on a GPU, when there is one).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import bench_reject  # noqa: E402
 import bench_search  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
+import selection  # noqa: E402
 from common import Row, as_json, machine, print_table  # noqa: E402
 
 GROUPS = {
@@ -35,6 +37,7 @@ GROUPS = {
     "default": bench_default.measure,
     "inference": bench_inference.measure,
     "reject": bench_reject.measure,
+    "selection": selection.measure,
 }
 # The numbers that earlier versions of this script took for --only.
 NUMBERS = {"1": "train", "2": "data", "3": "search", "5": "default", "6": "inference", "8": "gpu"}
