@@ -180,7 +180,8 @@ def test_sigkill_in_the_middle_of_a_fold_then_resume(engine, workdir, tiny_dir):
         proc.kill()
     assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
     (interrupted,) = [r for r in trial_runs() if r.info.status == "RUNNING"]
-    assert "fold1_val_accuracy" in interrupted.data.metrics
+    metrics = interrupted.data.metrics  # killed after fold 2's first epoch
+    assert "fold2_val_accuracy" in metrics and "fold3_val_accuracy" not in metrics
 
     assert cli.main(args[:-1]) == 0
     trials = trial_runs()
