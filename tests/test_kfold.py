@@ -195,3 +195,18 @@ def test_sigkill_in_the_middle_of_a_fold_then_resume(engine, workdir, tiny_dir):
     for run in completed:
         assert logged_model_names(run.info.run_id) == ["fold_1", "fold_2", "fold_3"]
         assert "oof_accuracy" in run.data.metrics
+
+
+@pytest.mark.subprocess
+def test_mlflow_run_search_takes_folds(workdir, tiny_dir):
+    from tests.test_mlproject import mlflow_run
+
+    path = workdir / "space.yaml"
+    path.write_text(TINY_SPACE)
+    proc = mlflow_run(workdir, "search", f"space={path}", "trials=1", "max_epochs=1", "folds=2",
+                      f"data_dir={tiny_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trial,) = trial_runs()
+    assert trial.data.tags["validation_folds"] == "2" and "oof_accuracy" in trial.data.metrics
+    parent = MlflowClient().get_run(trial.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "space-optuna-2fold"

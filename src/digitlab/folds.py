@@ -135,6 +135,10 @@ class FoldTrainer:
             result = train.run(config, data, callbacks=list(callbacks) if i == 0 else [],
                                on_epoch=_prefixed(on_epoch, f"fold{i + 1}_"), verbose=verbose,
                                split=split)
+            # The fold's training images are a copy of (K-1)/K of the data: let them go
+            # before the next fold (the held-out ones stay for the figures and signature).
+            result.split = Split(split.train_images[:0], split.train_labels[:0],
+                                 split.val_images, split.val_labels)
             self.results.append(result)
             if any(getattr(c, "pruned_at", None) is not None for c in callbacks):
                 break
