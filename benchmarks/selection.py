@@ -130,7 +130,8 @@ def measure(quick: bool) -> list[Row]:
     for r in results:
         rows += [
             Row(GROUP, f"{r['label']}: rank correlation, objective vs holdout", r["rho"], "Spearman",
-                note=f"{r['completed']} completed trials of {trials}, {epochs} epochs each"),
+                note=f"{r['completed']} completed trials of {trials}, "
+                     f"{epochs} epoch{'s' if epochs != 1 else ''} each"),
             Row(GROUP, f"{r['label']}: holdout accuracy of the promoted version", 100 * r["chosen"], "%",
                 note=f"{r['members']} model(s) averaged"),
             Row(GROUP, f"{r['label']}: holdout accuracy given up by the choice",
