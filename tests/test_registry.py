@@ -164,7 +164,7 @@ def test_promote_registers_the_best_trial_and_submit_uses_it(store, tiny_dir, ca
 def test_promoting_the_same_run_twice_creates_no_second_version(store, tiny_dir, capsys):
     assert promote(tiny_dir) == 0
     assert promote(tiny_dir) == 0
-    assert "already version 1" in capsys.readouterr().out
+    assert "already version 1" in capsys.readouterr().err
     assert len(MlflowClient().search_model_versions("name = 'digit-recognizer'")) == 1
 
 
