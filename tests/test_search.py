@@ -150,7 +150,7 @@ def test_resuming_with_another_space_or_direction_is_an_error(space_file, tiny_d
     other.write_text(SPACE.replace("high: 0.5", "high: 0.4"))
     capsys.readouterr()
     assert cli.main(search_args(other, tiny_dir, "--study", "s")) == 2
-    assert "different search space" in capsys.readouterr().err
+    assert "different search file" in capsys.readouterr().err
     flipped = workdir / "flipped.yaml"
     flipped.write_text(SPACE.replace("maximize", "minimize"))
     assert cli.main(search_args(flipped, tiny_dir, "--study", "s")) == 2

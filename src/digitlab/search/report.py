@@ -86,6 +86,8 @@ def reproduce_command(settings: Settings) -> str:
              "--trials", str(settings.trials), "--max-epochs", str(settings.max_epochs)]
     if space.minutes:
         words += ["--minutes", f"{space.minutes:g}"]
+    if settings.folds:
+        words += ["--folds", str(settings.folds)]
     words += ["--seed", str(settings.seed), "--study", settings.study]
     if settings.storage:  # a password in it stays out of the store: anyone may read runs
         words += ["--storage", redact(settings.storage)]
@@ -113,7 +115,8 @@ def describe(settings: Settings, best: dict | None = None) -> str:
     lines = [f"**{settings.study}**" + (f": {space.description}" if space.description else ""),
              "",
              f"- experiments: {', '.join(space.experiments)}",
-             f"- objective: {space.direction} {space.metric}",
+             f"- objective: {space.direction} {space.metric}"
+             + (f" (out of fold, {settings.folds} folds)" if settings.folds else ""),
              f"- engine: {engine}",
              f"- budget: {budget}",
              f"- space: {'; '.join(_range(p) for p in space.params)}",
