@@ -73,6 +73,7 @@ def worker_dir(root: Path, name: str) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_three_workers_on_two_machines_worth_of_failure(tmp_path, tiny_dir, database, tracking_server):
     storage = database()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server, "DIGITLAB_HEARTBEAT_INTERVAL": "1",

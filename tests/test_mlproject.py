@@ -43,6 +43,7 @@ def test_main_entry_point(workdir, tiny_dir):
     assert "best_val_accuracy" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_search_then_promote_without_naming_an_experiment(workdir, tiny_dir):
     """Plain `mlflow run . -e search` logs into MLflow's Default experiment; promote follows it."""
     (workdir / "space.yaml").write_text(TINY_SPACE)

@@ -416,6 +416,7 @@ def test_mlflow_models_serve_answers_raw_pixel_rows(store, tiny_dir):
     assert all(0 <= label <= 9 for label in served)
 
 
+@pytest.mark.slow
 def test_mlflow_run_promote_then_submit(store, tiny_dir):
     from tests.test_mlproject import mlflow_run
 

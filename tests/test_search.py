@@ -366,6 +366,7 @@ def test_sigkill_in_a_trial_then_resume(engine, space_file, tiny_dir, workdir):
     assert len(children) == 3  # exactly one run per trial attempt
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(space_file, tiny_dir, workdir):
     proc = subprocess.run(
         [sys.executable, "-m", "digitlab", *search_args(space_file, tiny_dir, "--workers", "2",

@@ -33,6 +33,7 @@ def hammer(space_path: str, cwd: str, queue) -> None:
         queue.put(("error", repr(exc)))
 
 
+@pytest.mark.slow
 def test_four_processes_never_overshoot_the_budget(workdir):
     path = workdir / "load.yaml"
     path.write_text(SPACE)
@@ -65,6 +66,7 @@ def two_fake_gpus(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
+@pytest.mark.slow
 def test_worker_i_sees_gpu_i_mod_g(workdir, tiny_dir, two_fake_gpus):
     from digitlab import runtime
 
