@@ -155,3 +155,28 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path | None = None, seco
             if time.time() > deadline:
                 raise AssertionError(f"{url} did not answer /health in {seconds} s: {told}") from None
             time.sleep(0.5)
+
+
+def kill_during_trial(args: list[str], cwd: Path, marker: str) -> None:
+    """Start `digitlab -v ARGS`, SIGKILL it at the first Keras epoch line after the line that
+    holds `marker` (-v prints a line per epoch), and check that it died of the signal."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "digitlab", "-v", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    seen, started = [], False
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            started = started or marker in line
+            if started and "val_accuracy:" in line:  # Keras's epoch line, not a summary
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]

@@ -2,10 +2,6 @@
 models promoted as one averaged version, submitted, and a study killed mid-fold resumed."""
 
 import os
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import mlflow
@@ -15,7 +11,7 @@ from mlflow import MlflowClient
 
 from digitlab import cli, folds, submission
 from digitlab.search import trial as trial_mod
-from tests.conftest import TINY_SPACE
+from tests.conftest import TINY_SPACE, kill_during_trial
 
 KFOLD_SPACE = TINY_SPACE.replace("budget: {trials: 3, max_epochs: 2}",
                                  "budget: {trials: 2, max_epochs: 1}\nvalidation: {folds: 3}")
@@ -160,30 +156,13 @@ def test_folds_on_the_command_line_make_a_study_of_their_own(workdir, tiny_dir):
 def test_sigkill_in_the_middle_of_a_fold_then_resume(engine, workdir, tiny_dir):
     path = workdir / "kfold.yaml"
     path.write_text(KFOLD_SPACE.replace("max_epochs: 1", "max_epochs: 2"))
-    args = ["search", "--space", str(path), "--data-dir", str(tiny_dir), "--engine", engine, "-v"]
-    # -v prints an epoch line per epoch: the kill lands after fold 2's first of two epochs
-    proc = subprocess.Popen([sys.executable, "-m", "digitlab", *args], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(300, proc.kill)
-    watchdog.start()
-    seen, in_fold = [], False
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            in_fold = in_fold or "trial 1 fold 2/3" in line
-            if in_fold and "val_accuracy:" in line:  # Keras's epoch line, not the bar
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    args = ["search", "--space", str(path), "--data-dir", str(tiny_dir), "--engine", engine]
+    kill_during_trial(args, workdir, "trial 1 fold 2/3")  # after fold 2's first of two epochs
     (interrupted,) = [r for r in trial_runs() if r.info.status == "RUNNING"]
     metrics = interrupted.data.metrics  # killed after fold 2's first epoch
     assert "fold2_val_accuracy" in metrics and "fold3_val_accuracy" not in metrics
 
-    assert cli.main(args[:-1]) == 0
+    assert cli.main(args) == 0
     trials = trial_runs()
     by_id = {r.info.run_id: r for r in trials}
     assert by_id[interrupted.info.run_id].info.status == "KILLED"

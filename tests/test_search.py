@@ -1,10 +1,8 @@
 """Searches end to end on tiny real data: real Optuna storage, real KerasTuner, real MLflow."""
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import mlflow
@@ -15,7 +13,7 @@ from mlflow import MlflowClient
 
 from digitlab import cli
 from digitlab.search import trial as trial_mod
-from tests.conftest import TINY_SPACE
+from tests.conftest import TINY_SPACE, kill_during_trial
 
 SPACE = TINY_SPACE
 
@@ -313,28 +311,6 @@ def test_kerastuner_search(space_file, tiny_dir):
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     paths = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
     assert "plots/optimization_history.png" in paths
-
-
-def kill_during_trial(args, cwd, marker):
-    """Start a search, SIGKILL it once the marked trial has trained an epoch (-v: Keras
-    prints a line per epoch)."""
-    proc = subprocess.Popen([sys.executable, "-m", "digitlab", "-v", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(300, proc.kill)
-    watchdog.start()
-    seen, in_trial = [], False
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            in_trial = in_trial or marker in line
-            if in_trial and "val_accuracy" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
 
 
 @pytest.mark.parametrize("engine", ["optuna", "kerastuner"])
