@@ -19,7 +19,10 @@ def mlflow_run(workdir: Path, entry: str, *params: str, experiment: str | None =
                env_manager: str = "local", project: str = ".") -> subprocess.CompletedProcess:
     for name in ("MLproject", "python_env.yaml", "conda.yaml"):
         shutil.copy(REPO / name, workdir / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           # MLflow reuses an environment whose python_env.yaml it has seen before, whatever
+           # the project's code is now: each test builds its own from this checkout.
+           "MLFLOW_ENV_ROOT": str(workdir / "mlflow-envs")}
     args = [str(Path(sys.executable).parent / "mlflow"), "run", project, "-e", entry,
             "--env-manager", env_manager]
     if experiment:
