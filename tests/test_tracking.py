@@ -240,3 +240,28 @@ def test_configure_leaves_no_experiment_id_for_the_next_store(workdir, tmp_path,
     MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).create_experiment("first-here")  # takes id 1
     store.configure()
     assert mlflow.get_experiment(store.experiment_id()).name == "digit-recognizer"
+
+
+def test_an_experiment_kind_tag_another_worker_set_first_is_not_an_error(workdir, monkeypatch):
+    # Injected fault: workers starting together both see the new experiment untagged; the
+    # other one's tag lands first and this one's insert fails on the primary key.
+    real = MlflowClient.set_experiment_tag
+
+    def raced(self, experiment_id, key, value):
+        real(self, experiment_id, key, value)
+        raise mlflow.exceptions.MlflowException(
+            'duplicate key value violates unique constraint "experiment_tag_pk"')
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", raced)
+    store.configure()
+    tags = MlflowClient().get_experiment(store.experiment_id()).tags
+    assert tags[store.EXPERIMENT_KIND_TAG] == store.MODEL_TRAINING_KIND
+
+
+def test_an_experiment_kind_tag_that_cannot_be_set_is_an_error(workdir, monkeypatch):
+    def refused(self, experiment_id, key, value):
+        raise mlflow.exceptions.MlflowException("PERMISSION_DENIED")
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", refused)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="PERMISSION_DENIED"):
+        store.configure()

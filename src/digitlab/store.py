@@ -67,8 +67,15 @@ def mark_model_training(experiment: str | None) -> None:
     if not experiment:
         return
     client = mlflow.MlflowClient()
-    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment).tags:
+    if EXPERIMENT_KIND_TAG in client.get_experiment(experiment).tags:
+        return
+    try:
         client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    except mlflow.exceptions.MlflowException:
+        # Workers starting together race to tag the new experiment, and MLflow's SQL store
+        # inserts the tag without an upsert: the loser's insert fails on the primary key.
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment).tags:
+            raise
 
 
 def ui_url(host: str, port: int, experiment: str) -> str:
