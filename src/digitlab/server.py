@@ -3,9 +3,9 @@
 It runs `mlflow server` with a database backend store (PostgreSQL for teams,
 SQLite for one user) and artifacts served through the server, bound to
 127.0.0.1 unless told otherwise. Binding anywhere else turns on MLflow's
-basic-auth app and refuses to start without a non-default admin password
-and the server's secret key: an unauthenticated tracking server on a network
-lets anyone read, write and delete runs and models.
+basic-auth app, whose own rules (an admin password, the server's secret key)
+are checked before anything starts: an unauthenticated tracking server on a
+network lets anyone read, write and delete runs and models.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from digitlab import osutil
 from digitlab.errors import UserError
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-# The password MLflow's basic-auth app shipped as its default before it required one.
-KNOWN_DEFAULT_PASSWORDS = {"password1234", "password", "admin"}
-MIN_PASSWORD_LENGTH = 12
 
 
 def is_loopback(host: str) -> bool:
@@ -37,28 +35,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_auth_settings(host: str, auth: bool) -> bool:
-    """Whether auth is on; a clear error when the settings would expose the server."""
-    exposed = not is_loopback(host)
-    if exposed and not auth:
-        auth = True  # never serve an unauthenticated tracking server beyond this machine
-    if not auth:
-        return False
-    # MLflow's auth app refuses these settings too, but only once the server is starting,
-    # with a traceback and exit status 1; checked here they are one line and exit 2, before
-    # anything starts.
-    where = f"serving on {host}" if exposed else "--auth"
-    password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD", "")
-    if not password:
-        raise UserError(f"{where} needs authentication: set MLFLOW_AUTH_ADMIN_PASSWORD "
-                        f"(at least {MIN_PASSWORD_LENGTH} characters) for the admin user")
-    if password in KNOWN_DEFAULT_PASSWORDS or len(password) < MIN_PASSWORD_LENGTH:
-        raise UserError(f"{where}: MLFLOW_AUTH_ADMIN_PASSWORD is a default or shorter than "
-                        f"{MIN_PASSWORD_LENGTH} characters; choose another")
-    if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
-        raise UserError(f"{where} needs MLFLOW_FLASK_SERVER_SECRET_KEY set to a long random "
-                        "secret (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
-    return True
+def wants_auth(host: str, auth: bool) -> bool:
+    """Whether to run the basic-auth app: asked for, or forced by an address beyond this
+    machine (never an unauthenticated tracking server on a network)."""
+    return auth or not is_loopback(host)
+
+
+def check_auth_settings(config_path: Path) -> None:
+    """MLflow's own checks of the auth settings (secret key, admin password), run here.
+
+    `mlflow server` runs the same checks before it starts its workers, but a failure there
+    is a traceback and exit status 1; run first, in this process, it is MLflow's message on
+    one line and exit status 2. The rules themselves stay MLflow's.
+    """
+    with osutil.environ(MLFLOW_AUTH_CONFIG_PATH=str(config_path)):
+        from mlflow.exceptions import MlflowException
+        from mlflow.server import auth as mlflow_auth
+
+        try:
+            mlflow_auth.get_flask_server_secret_key()
+            mlflow_auth.bootstrap_admin_user()  # what `mlflow server` does first; idempotent
+        except MlflowException as exc:
+            raise UserError(" ".join(exc.message.split())) from None
 
 
 def auth_config(state_dir: Path, auth_db_uri: str | None) -> Path:
@@ -96,10 +94,12 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str = "s
           auth_db_uri: str | None = None, workers: int | None = None,
           allowed_hosts: str | None = None, state_dir: str = ".mlflow-server") -> int:
     """Run the configured `mlflow server` until it stops; returns its exit status."""
-    auth = check_auth_settings(host, auth)
+    auth = wants_auth(host, auth)
     env = dict(os.environ)
     if auth:
-        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(Path(state_dir), auth_db_uri).resolve())
+        config_path = auth_config(Path(state_dir), auth_db_uri).resolve()
+        check_auth_settings(config_path)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(config_path)
     if "://" not in artifacts_destination:
         Path(artifacts_destination).mkdir(parents=True, exist_ok=True)
         artifacts_destination = str(Path(artifacts_destination).resolve())
