@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -379,6 +380,7 @@ def test_score_as_kaggle(tmp_path, capsys):
 
 
 def test_mlflow_models_serve_answers_raw_pixel_rows(store, tiny_dir):
+    """Named columns (any order) and bare rows of 784 both work; a bad row is a short error."""
     assert promote(tiny_dir) == 0
     port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -388,6 +390,16 @@ def test_mlflow_models_serve_answers_raw_pixel_rows(store, tiny_dir):
          "--port", str(port)],
         cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+
+    def ask(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read())
+
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -398,22 +410,24 @@ def test_mlflow_models_serve_answers_raw_pixel_rows(store, tiny_dir):
                 assert server.poll() is None, server.stdout.read()[-3000:]
                 time.sleep(1)
         rows = pd.read_csv(tiny_dir / "test.csv").head(5)
-        body = json.dumps({"dataframe_split": {"columns": list(rows.columns),
-                                               "data": rows.values.tolist()}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        shuffled = rows[list(reversed(rows.columns))]
+        named = ask({"dataframe_split": {"columns": list(shuffled.columns), "data": shuffled.values.tolist()}})
+        bare = ask({"inputs": rows.values.tolist()})
+        short = ask({"inputs": [row[:783] for row in rows.values.tolist()]})
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    predictions = answer["predictions"]
-    served = [p["label"] for p in predictions]
-    expected = mlflow.pyfunc.load_model("models:/digit-recognizer@production").predict(rows)["label"]
-    assert served == expected.tolist()
-    assert all(0 <= label <= 9 for label in served)
+    expected = mlflow.pyfunc.load_model("models:/digit-recognizer@production").predict(rows)["label"].tolist()
+    assert all(0 <= label <= 9 for label in expected)
+    for status, answer in (named, bare):
+        assert status == 200, answer
+        assert [p["label"] for p in answer["predictions"]] == expected
+    status, answer = short
+    assert status == 400 and len(answer["message"]) < 300 and "\n" not in answer["message"]
+    assert "expected rows of 784 pixels, got shape (5, 783)" in answer["stack_trace"]
 
 
 @pytest.mark.slow
