@@ -1,6 +1,7 @@
 """K-fold validation end to end on tiny real data: trials scored out of fold, their fold
 models promoted as one averaged version, submitted, and a study killed mid-fold resumed."""
 
+import json
 import os
 from pathlib import Path
 
@@ -70,6 +71,12 @@ def test_a_kfold_study_is_scored_out_of_fold_and_promotes_its_fold_models(
             history = client.get_metric_history(run.info.run_id, f"fold{i}_val_accuracy")
             assert [m.step for m in history] == [1]
         assert logged_model_names(run.info.run_id) == ["fold_1", "fold_2", "fold_3"]
+        # the run records the folds, not the single split it did not use
+        assert "validation_fraction" not in tags and tags["split_seed"]
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        contexts = {i.tags[0].value: i.dataset for i in inputs}
+        assert set(contexts) == {"training", "holdout"}
+        assert json.loads(contexts["training"].profile)["features_shape"][0] == 300  # every labelled image
 
     assert cli.main(["promote", "--data-dir", str(tiny_dir)]) == 0
     version = MlflowClient().get_model_version_by_alias("digit-recognizer", "production")

@@ -1,5 +1,6 @@
 """Searches end to end on tiny real data: real Optuna storage, real KerasTuner, real MLflow."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -228,6 +229,10 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
     runner.Progress(ThreeFinished(), settings, parent).close()
     # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation cross-entropy.
     assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
+    # a K-fold study's objective is the out-of-fold score, and the bar says so
+    kfold = dataclasses.replace(settings, space=dataclasses.replace(settings.space, folds=3))
+    runner.Progress(ThreeFinished(), kfold, parent).close()
+    assert "best oof_accuracy=0.9900, trial=2" in capsys.readouterr().err
 
 
 def test_search_plots_number_trials_as_the_runs_do(workdir, space_file):

@@ -58,19 +58,21 @@ def tracked_run(
     on_start: Callable[[str], None] | None = None,
     verbose: int | str = "auto",
     fit: Callable[..., train.Result] | None = None,
+    folds: int = 0,
 ) -> tuple[str, train.Result, Verdict]:
     """Train `config` on `data` as one MLflow run; returns its id, the result and verdict.
 
     `on_start(run_id)` runs once the run exists (an engine records the id); an exception
     from training ends the run FAILED and propagates. `fit` trains in place of `train.run`,
-    with its arguments (a K-fold trial trains one model per fold through it, in this run).
+    with its arguments (a K-fold trial trains one model per fold through it, in this run, and
+    says so with `folds`, so the run records the folds instead of the config's split).
     """
     with tracking.open_run(name or config.name, nested=nested, tags=tags,
                            parent_run_id=parent_run_id, experiment_id=experiment_id,
                            system_metrics=tracking.system_metrics_enabled()) as handle:
         if on_start:
             on_start(handle.run_id)
-        tracking.log_setup(config, data)
+        tracking.log_setup(config, data, folds)
         if params:
             mlflow.log_params(params)
         result = (fit or train.run)(config, data, callbacks=list(callbacks),

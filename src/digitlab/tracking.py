@@ -84,8 +84,12 @@ def epoch_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
     return log
 
 
-def log_setup(config: ExperimentConfig, data: DigitData) -> None:
-    """What is known before training: config, data, environment. A failed run keeps it."""
+def log_setup(config: ExperimentConfig, data: DigitData, folds: int = 0) -> None:
+    """What is known before training: config, data, environment. A failed run keeps it.
+
+    `folds`: the run validates on K folds of the labelled images (a K-fold trial), not on
+    the config's single split.
+    """
     params = {key: str(value) for key, value in config.flat().items() if key != "description"}
     params.update({"data.source": data.source, "data.digest": data.digest,
                    "data.train_rows": len(data.train_labels), "data.test_rows": len(data.test_images)})
@@ -104,27 +108,39 @@ def log_setup(config: ExperimentConfig, data: DigitData) -> None:
     # What this run trains, from its own values (a trial's sampled ones included); the
     # experiment file's prose would describe the file's defaults instead.
     mlflow.set_tag("mlflow.note.content", config.summary())
-    # The validation split, as tags a promotion reads back to evaluate on the same images.
-    mlflow.set_tags({"split_seed": config.split_seed,
-                     "validation_fraction": config.training.validation_fraction})
+    # The validation split (or the folds' seed), as tags a promotion reads back to evaluate
+    # on the same images.
+    mlflow.set_tag("split_seed", config.split_seed)
+    if not folds:
+        mlflow.set_tag("validation_fraction", config.training.validation_fraction)
     mlflow.log_text(config.to_yaml(), "config.yaml")
-    log_datasets(config, data)
+    log_datasets(config, data, folds)
 
 
-def log_datasets(config: ExperimentConfig, data: DigitData) -> None:
+def log_datasets(config: ExperimentConfig, data: DigitData, folds: int = 0) -> None:
     """The training, validation and holdout (or unlabelled test) images as MLflow datasets,
-    with their real shapes, the data directory as source, and digests that name the split."""
+    with their real shapes, the data directory as source, and digests that name the split.
+
+    With K folds every labelled image is trained on and validated on (in different folds):
+    one `training` dataset of all of them, named for the folds, and the holdout.
+    """
     import hashlib
 
     from digitlab import data as data_mod
 
-    split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
-    parts = {"training": (split.train_images, split.train_labels),
-             "validation": (split.val_images, split.val_labels),
-             "holdout" if data.test_labels is not None else "test": (data.test_images, data.test_labels)}
+    if folds:
+        parts = {"training": (data.train_images, data.train_labels)}
+        split_key = f"{folds}folds|{config.split_seed}"
+    else:
+        split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
+        parts = {"training": (split.train_images, split.train_labels),
+                 "validation": (split.val_images, split.val_labels)}
+        split_key = f"{config.training.validation_fraction}|{config.split_seed}"
+    test = "holdout" if data.test_labels is not None else "test"
+    parts[test] = (data.test_images, data.test_labels)
     source = str(Path(data.source).resolve())
     for context, (images, labels) in parts.items():
-        key = f"{data.digest}|{context}|{config.training.validation_fraction}|{config.split_seed}"
+        key = f"{data.digest}|{context}|{split_key}"
         dataset = mlflow.data.from_numpy(
             images, targets=labels, source=source, name=f"digit-recognizer-{context}",
             digest=hashlib.sha256(key.encode()).hexdigest()[:32])

@@ -121,7 +121,7 @@ def run_trial(
                     for k, v in values.items()},
             callbacks=[hook] if hook else [], parent_run_id=parent_run_id,
             experiment_id=experiment_id, on_start=start, verbose=2 if console.verbose() else 0,
-            fit=trainer,
+            fit=trainer, folds=space.folds or 0,
         )
         outcome = Outcome(verdict.tags["trial_state"], verdict.metrics.get("objective"), run_id,
                           result.epochs_trained, verdict.tags.get("error"))
