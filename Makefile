@@ -34,9 +34,12 @@ compare: setup
 search: setup
 	$(BIN)/digitlab search $(ARGS)
 
-# The test suite without its slow tier (PostgreSQL tests skip, with the reason, when none runs).
+# The test suite without its slow tier (PostgreSQL tests skip, with the reason, when none runs),
+# on up to 4 processes (pytest-xdist; one per core): a test trains tiny models, which keep
+# about one core busy each. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/pytest -m "not slow" $(ARGS)
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --maxprocesses 4 $(ARGS)
 
 # The slow tier alone (every experiment through `mlflow run`, long searches), and everything.
 test-slow: setup

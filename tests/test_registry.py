@@ -132,10 +132,13 @@ def test_promote_registers_the_best_trial_and_submit_uses_it(store, tiny_dir, ca
     assert len(tags["data_digest"]) == 64
     assert search_run.info.run_id in version.description and "validation accuracy" in version.description
 
-    # the registered model takes test.csv rows as they are: 784 integer pixel columns
+    # the registered model takes test.csv rows as they are: 784 integer pixel columns, as
+    # its input example shows (it checks its input itself: no input schema)
     model = mlflow.pyfunc.load_model("models:/digit-recognizer@production")
-    inputs = model.metadata.get_input_schema().input_names()
-    assert inputs == [f"pixel{i}" for i in range(784)]
+    assert model.metadata.get_input_schema() is None
+    example = json.loads(Path(mlflow.artifacts.download_artifacts(
+        f"models:/digit-recognizer/{version.version}/serving_input_example.json")).read_text())
+    assert example["dataframe_split"]["columns"] == [f"pixel{i}" for i in range(784)]
     assert model.metadata.get_output_schema().input_names()[:2] == ["label", "prob_0"]
     rows = pd.read_csv(tiny_dir / "test.csv").head(4)
     out_frame = model.predict(rows)

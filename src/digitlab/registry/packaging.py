@@ -153,6 +153,8 @@ def existing_version(client: MlflowClient, name: str, key: str):
 def register(members: list[Run], search_run: Run | None, tta: bool, dataset: data_mod.DigitData,
              pol):
     """Log the serving model for the member runs and register it as a new version."""
+    from mlflow.models import infer_signature
+
     from digitlab import serving, tracking
 
     client = MlflowClient()
@@ -195,13 +197,17 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                 search_run.info.run_id if search_run else None),
             experiment_id=members[0].info.experiment_id):
             try:
-                # No signature: serving.to_images checks the input itself (named columns in
-                # any order, or bare rows of 784 in pixel0..pixel783 order). MLflow's column
-                # schema would refuse bare rows (`{"inputs": [[...]]}`) with an error that
-                # repeats the whole request; the input example still documents the format.
+                # The signature states the output only: serving.to_images checks the input
+                # itself (named columns in any order, or bare rows of 784 read as
+                # pixel0..pixel783). MLflow's column schema would refuse bare rows
+                # (`{"inputs": [[...]]}`) with an error that repeats the whole request; the
+                # input example documents the format.
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=serving.__file__, artifacts=artifacts,
-                    model_config={"tta": tta}, input_example=example, signature=False,
+                    model_config={"tta": tta}, input_example=example,
+                    signature=infer_signature(None, pd.DataFrame(
+                        {"label": [0], **{f"prob_{k}": [0.1] for k in range(10)}}).astype(
+                        {"label": "int64", **{f"prob_{k}": "float32" for k in range(10)}})),
                     pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
                 )
                 model = mlflow.pyfunc.load_model(info.model_uri)
