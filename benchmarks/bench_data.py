@@ -25,7 +25,7 @@ def make_train_csv(path: Path, rows: int) -> None:
 def measure(quick: bool) -> list[Row]:
     import pandas as pd
 
-    from digitlab import data
+    from digitlab import csvfiles, data
 
     repeats = 1 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,10 +36,10 @@ def measure(quick: bool) -> list[Row]:
 
         def cold():
             shutil.rmtree(cache, ignore_errors=True)
-            data.read_csv_cached(path, data.TRAIN_HEADER)
+            csvfiles.read_csv_cached(path, data.TRAIN_HEADER)
 
         def cached():
-            data.read_csv_cached(path, data.TRAIN_HEADER)
+            csvfiles.read_csv_cached(path, data.TRAIN_HEADER)
 
         ways = {"cold": cold, "cached": cached, "pandas": lambda: pd.read_csv(path),
                 "loadtxt": lambda: np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64)}
