@@ -118,8 +118,7 @@ def cmd_search(args) -> int:
               f"{settings.trials} trials, {completed} completed (an ensemble of K needs K); "
               "the same command goes on with the study")
     if best:
-        metric = (f"{folds.OOF_METRICS[settings.space.metric]} ({settings.folds}-fold)"
-                  if settings.folds else settings.space.metric)
+        metric = settings.space.scored_by + (f" ({settings.folds}-fold)" if settings.folds else "")
         print(f"best trial {best['number']}: {metric} {best['value']:.4f} "
               f"(MLflow run {best['run_id']})")
     print(f"parent MLflow run {summary['parent_run_id']}; next: digitlab promote")

@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 from digitlab import data as data_mod
 from digitlab import registry, store
 from digitlab.errors import Terminated
-from digitlab.folds import OOF_METRICS
 from digitlab.search import report
 from digitlab.search.settings import Settings
 from digitlab.search.workers import engine_for, run_workers
@@ -36,10 +35,7 @@ class Progress:
     def __init__(self, engine, settings: Settings, parent_run_id: str) -> None:
         from tqdm import tqdm
 
-        space = settings.space
-        self.engine, self.parent_run_id = engine, parent_run_id
-        # a K-fold study ranks its trials by the out-of-fold score: the bar names it so
-        self.metric = OOF_METRICS[space.metric] if space.folds else space.metric
+        self.engine, self.metric, self.parent_run_id = engine, settings.space.scored_by, parent_run_id
         self.bar = tqdm(total=settings.trials, initial=engine.finished(), unit="trial",
                         desc=f"search {settings.study}", dynamic_ncols=True)
         self.done = None

@@ -68,6 +68,11 @@ class StudyFile:
     def name(self) -> str:
         return Path(self.path).stem
 
+    @property
+    def scored_by(self) -> str:
+        """The metric trials are ranked by: the objective's, out of fold in a K-fold study."""
+        return OOF_METRICS[self.metric] if self.folds else self.metric
+
     def fingerprint(self) -> str:
         """What a resumed study must share with the original: experiments, space, objective."""
         data = {

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from digitlab import console, train
 from digitlab.data import DigitData
-from digitlab.folds import OOF_METRICS, FoldTrainer
+from digitlab.folds import FoldTrainer
 from digitlab.search.params import decode
 from digitlab.search.space import StudyFile
 from digitlab.tracked import Verdict, tracked_run
@@ -133,7 +133,7 @@ def run_trial(
         for key, value in failed(error, type(exc).__name__).tags.items():
             client.set_tag(started[0], key, value)
         outcome = Outcome(FAIL, None, started[0], 0, error)
-    log_outcome(OOF_METRICS[space.metric] if space.folds else space.metric, number, outcome)
+    log_outcome(space.scored_by, number, outcome)
     return outcome
 
 
