@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 from collections.abc import Callable
 
 import keras
@@ -20,19 +21,30 @@ class EpochRecorder(keras.callbacks.Callback):
     epoch's values, and hands the finite ones to `on_epoch(epoch, metrics)` (epoch counted
     from 1, as Keras prints it), which is how MLflow receives them.
 
-    It runs first, so later callbacks (pruning) see `learning_rate` too, and it reads the
-    rate before plateau reduction changes it for the next epoch.
+    It runs first, so later callbacks (pruning) see `learning_rate` and `images_seen` too,
+    and it reads the rate before plateau reduction changes it for the next epoch. It also
+    times each epoch (validation included): what a search's budget plan extrapolates from.
     """
 
-    def __init__(self, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> None:
+    def __init__(self, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                 images_per_epoch: int = 0) -> None:
         super().__init__()
         self.history: dict[str, list[float]] = {}
         self.diverged = False
         self.on_epoch = on_epoch
+        self.images_per_epoch = images_per_epoch
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._started)
         logs = logs if logs is not None else {}
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        if self.images_per_epoch:
+            logs["images_seen"] = float((epoch + 1) * self.images_per_epoch)
         values = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
         for key, value in values.items():
             self.history.setdefault(key, []).append(value)

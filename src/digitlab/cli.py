@@ -121,7 +121,10 @@ def cmd_search(args) -> int:
         metric = settings.space.scored_by + (f" ({settings.folds}-fold)" if settings.folds else "")
         print(f"best trial {best['number']}: {metric} {best['value']:.4f} "
               f"(MLflow run {best['run_id']})")
-    print(f"parent MLflow run {summary['parent_run_id']}; next: digitlab promote")
+    if refitted := summary.get("refit_run_id"):
+        print(f"refitted trial {best['number']} on every labelled image: MLflow run {refitted}")
+    print(f"parent MLflow run {summary['parent_run_id']}; next: digitlab promote"
+          + (" --refit" if summary.get("refit_run_id") else ""))
     return 0
 
 
@@ -142,6 +145,7 @@ def cmd_promote(args) -> int:
     moved, message, version = registry.promote(
         search_run_id=args.search_run or None, run_id=args.run or None, ensemble=args.ensemble,
         tta=args.tta, min_delta=args.min_delta, force=args.force, data_dir=args.data_dir,
+        refit=args.refit,
     )
     tags = version.tags
     print(f"registered {version.name} version {version.version}: val_accuracy {tags.get('val_accuracy')}"

@@ -17,6 +17,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+def _boolean(text: str) -> bool:
+    """true/false for options that `mlflow run -P name=...` passes a value to."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's -v must not reset a -v given before the subcommand.
@@ -86,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="required improvement over production (default: registry/policy.yaml)")
     p.add_argument("--force", action="store_true", help="move the aliases even if the gate says no")
     p.add_argument("--rollback", action="store_true", help="swap production and previous back")
+    p.add_argument("--refit", type=_boolean, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="first train each chosen trial again on every labelled image (training "
+                        "and validation), for as many epochs as it trained, as a run nested "
+                        "under the trial; `--refit false` is the same as leaving it out")
     data_dir(p)
 
     p = command("submit", "write a Kaggle submission CSV from the production model")

@@ -68,6 +68,14 @@ class ReduceLROnPlateau:
 class TrainingConfig:
     epochs: int = 10
     batch_size: int = 64
+    # Images per epoch (rounded up to whole batches), drawn from shuffled passes over the
+    # training images, so that N epochs are the same number of updates at any data size;
+    # 0: an epoch is one pass. Decay, patience, averaging and pruning rungs count these.
+    epoch_images: int = 0
+    # The first subset_epochs epochs draw from subset_images training images only, chosen
+    # per digit by the split seed (a search's cheap first rungs); 0: all of them throughout.
+    subset_images: int = 0
+    subset_epochs: int = 0
     validation_fraction: float = 0.1
     # seed of the train/validation split; null: the run's seed (a search fixes it, so that
     # trials with their own seeds are still scored on the same images)
@@ -137,8 +145,12 @@ class ExperimentConfig:
         model = (f"{convs}{', batch norm' if m.batch_norm else ''}, conv dropout {m.conv_dropout:.3g}; "
                  f"dense {m.dense_units} with dropout {m.dropout:.3g}; L2 {m.l2:.3g}")
         decay = f", x{t.lr_decay:g} per epoch" if t.lr_decay < 1 else ""
+        epoch = f"{t.epoch_images:,} images" if t.epoch_images else "one pass"
+        subset = (f" (the first {t.subset_epochs} on {t.subset_images:,} images)"
+                  if t.subset_images and t.subset_epochs else "")
         training = (f"{o.name}, learning rate {o.learning_rate:.3g}{decay}; up to {t.epochs} epochs "
-                    f"of {t.batch_size}; {t.validation_fraction:.0%} of the images validate")
+                    f"of {epoch}{subset}, batches of {t.batch_size}; "
+                    f"{t.validation_fraction:.0%} of the images validate")
         extras = [name for on, name in (
             (t.early_stopping.enabled, f"early stopping on {t.early_stopping.monitor}"),
             (t.reduce_lr.enabled, f"rate halved on a {t.reduce_lr.monitor} plateau"),
@@ -180,6 +192,11 @@ def validate(config: ExperimentConfig) -> None:
         (o.learning_rate > 0, "optimizer.learning_rate must be positive"),
         (t.epochs >= 1, "training.epochs must be >= 1"),
         (t.batch_size >= 1, "training.batch_size must be >= 1"),
+        (min(t.epoch_images, t.subset_images, t.subset_epochs) >= 0,
+         "training.epoch_images, subset_images and subset_epochs must be >= 0"),
+        (not (t.subset_images and t.subset_epochs) or t.epoch_images,
+         "training.subset_images needs training.epoch_images: epochs of a fixed number of "
+         "images, the same on the subset and on all images"),
         (0 < t.validation_fraction < 1, "training.validation_fraction must be in (0, 1)"),
         (0 < t.lr_decay <= 1, "training.lr_decay must be in (0, 1]"),
         (t.average_last_epochs >= 0, "training.average_last_epochs must be >= 0"),

@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 def figures(result) -> dict[str, plt.Figure]:
     """Every figure of a finished training run (a `train.Result`), by artifact path."""
     split, title = result.split, result.config.name
+    if len(split.val_labels) == 0:  # a refit on every labelled image: only its curves
+        return {"plots/training_curves.png": training_curves(result.history, title)}
     predicted = result.val_probabilities.argmax(1)
     show = slice(0, 32)
     wrong = np.flatnonzero(predicted != split.val_labels)[:32]

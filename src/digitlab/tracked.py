@@ -59,20 +59,22 @@ def tracked_run(
     verbose: int | str = "auto",
     fit: Callable[..., train.Result] | None = None,
     folds: int = 0,
+    refit: bool = False,
 ) -> tuple[str, train.Result, Verdict]:
     """Train `config` on `data` as one MLflow run; returns its id, the result and verdict.
 
     `on_start(run_id)` runs once the run exists (an engine records the id); an exception
     from training ends the run FAILED and propagates. `fit` trains in place of `train.run`,
     with its arguments (a K-fold trial trains one model per fold through it, in this run, and
-    says so with `folds`, so the run records the folds instead of the config's split).
+    says so with `folds`, so the run records the folds instead of the config's split; a refit
+    trains on every labelled image, and says so with `refit`).
     """
     with tracking.open_run(name or config.name, nested=nested, tags=tags,
                            parent_run_id=parent_run_id, experiment_id=experiment_id,
                            system_metrics=tracking.system_metrics_enabled()) as handle:
         if on_start:
             on_start(handle.run_id)
-        tracking.log_setup(config, data, folds)
+        tracking.log_setup(config, data, folds, refit)
         if params:
             mlflow.log_params(params)
         result = (fit or train.run)(config, data, callbacks=list(callbacks),

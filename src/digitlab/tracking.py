@@ -84,7 +84,7 @@ def epoch_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
     return log
 
 
-def log_setup(config: ExperimentConfig, data: DigitData, folds: int = 0) -> None:
+def log_setup(config: ExperimentConfig, data: DigitData, folds: int = 0, refit: bool = False) -> None:
     """What is known before training: config, data, environment. A failed run keeps it.
 
     `folds`: the run validates on K folds of the labelled images (a K-fold trial), not on
@@ -111,26 +111,27 @@ def log_setup(config: ExperimentConfig, data: DigitData, folds: int = 0) -> None
     # The validation split (or the folds' seed), as tags a promotion reads back to evaluate
     # on the same images.
     mlflow.set_tag("split_seed", config.split_seed)
-    if not folds:
+    if not folds and not refit:
         mlflow.set_tag("validation_fraction", config.training.validation_fraction)
     mlflow.log_text(config.to_yaml(), "config.yaml")
-    log_datasets(config, data, folds)
+    log_datasets(config, data, folds, refit)
 
 
-def log_datasets(config: ExperimentConfig, data: DigitData, folds: int = 0) -> None:
+def log_datasets(config: ExperimentConfig, data: DigitData, folds: int = 0, refit: bool = False) -> None:
     """The training, validation and holdout (or unlabelled test) images as MLflow datasets,
     with their real shapes, the data directory as source, and digests that name the split.
 
     With K folds every labelled image is trained on and validated on (in different folds):
-    one `training` dataset of all of them, named for the folds, and the holdout.
+    one `training` dataset of all of them, named for the folds, and the holdout; a refit
+    trains on all of them and validates on none.
     """
     import hashlib
 
     from digitlab import data as data_mod
 
-    if folds:
+    if folds or refit:
         parts = {"training": (data.train_images, data.train_labels)}
-        split_key = f"{folds}folds|{config.split_seed}"
+        split_key = f"{folds}folds|{config.split_seed}" if folds else "all"
     else:
         split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
         parts = {"training": (split.train_images, split.train_labels),
@@ -162,6 +163,9 @@ def log_result(result: Result, with_model: bool = True) -> None:
         "val_crossentropy_final_model": result.val_crossentropy,
         "best_epoch": result.best_epoch + 1,
         "epochs_trained": result.epochs_trained,
+        # The fidelity the run reached: images fed, and how many distinct ones they came from
+        "images_seen": result.images_seen,
+        "subset_size": result.subset_size,
         "train_seconds": result.train_seconds,
         "parameters": result.model.count_params(),
     }
@@ -173,9 +177,10 @@ def log_result(result: Result, with_model: bool = True) -> None:
     for path, figure in plots.figures(result).items():
         log_figure(figure, path)
     counts = plots.confusion_counts(result.split.val_labels, result.val_probabilities.argmax(1))
-    mlflow.log_text(pd.DataFrame(counts, index=pd.Index(range(10), name="true"),
-                                 columns=[f"pred_{i}" for i in range(10)]).to_csv(),
-                    "confusion_matrix.csv")
+    if len(result.split.val_labels):
+            mlflow.log_text(pd.DataFrame(counts, index=pd.Index(range(10), name="true"),
+                                     columns=[f"pred_{i}" for i in range(10)]).to_csv(),
+                        "confusion_matrix.csv")
     if with_model:
         log_model(result)
 
@@ -183,7 +188,12 @@ def log_result(result: Result, with_model: bool = True) -> None:
 def log_model(result: Result) -> None:
     from mlflow.models import infer_signature
 
-    signature = infer_signature(result.split.val_images[:2], result.val_probabilities[:2])
+    split = result.split
+    if len(split.val_labels):
+        signature = infer_signature(split.val_images[:2], result.val_probabilities[:2])
+    else:  # a refit has no validation images: two training images show the shapes
+        signature = infer_signature(split.train_images[:2],
+                                    result.model.predict(split.train_images[:2], verbose=0))
     mlflow.keras.log_model(
         result.model,
         name=MODEL_NAME,

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from digitlab import data as data_mod
-from digitlab import models, runtime
+from digitlab import models, runtime, stream
 from digitlab.callbacks import EpochRecorder, recipe_callbacks
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData, Split
@@ -57,6 +57,20 @@ class Result:
     train_seconds: float
     precision: str
     diverged: bool = False  # the loss became NaN or infinite
+    plan: stream.Plan | None = None  # epochs of a fixed number of images; None: passes
+    epoch_seconds: tuple[float, ...] = ()  # wall time of each epoch, validation included
+
+    @property
+    def images_seen(self) -> int:
+        """Training images fed, counted again each time one comes back."""
+        return stream.images_seen(self.plan, self.epochs_trained, len(self.split.train_labels))
+
+    @property
+    def subset_size(self) -> int:
+        """How many distinct training images the run drew from by its last epoch: fewer
+        than all only for a trial that stopped within its subset epochs."""
+        n = len(self.split.train_labels)
+        return self.plan.pool(self.epochs_trained) if self.plan else n
 
     @property
     def epochs_trained(self) -> int:
@@ -74,12 +88,17 @@ class Result:
 
     @property
     def val_accuracy(self) -> float:
-        """Accuracy of the returned model (the best epoch's, when weights were restored)."""
+        """Accuracy of the returned model (the best epoch's, when weights were restored);
+        NaN for a run without validation images (a refit on all of them)."""
+        if len(self.split.val_labels) == 0:
+            return math.nan
         return float(np.mean(self.val_probabilities.argmax(1) == self.split.val_labels))
 
     @property
     def val_crossentropy(self) -> float:
         """Mean cross-entropy of the returned model on the validation split."""
+        if len(self.split.val_labels) == 0:
+            return math.nan
         picked = self.val_probabilities[np.arange(len(self.split.val_labels)), self.split.val_labels]
         return float(-np.mean(np.log(np.maximum(picked, 1e-7))))  # Keras clips at 1e-7 too
 
@@ -133,7 +152,8 @@ def run(
     `on_epoch(epoch, metrics)` receives every epoch's finite metrics (MLflow logging);
     `callbacks` run after the record (pruning), before the recipe's own. `split` replaces
     the config's own validation split (`training.validation_fraction`, `split_seed`): a
-    K-fold trial trains once per fold (`digitlab.folds`)."""
+    K-fold trial trains once per fold (`digitlab.folds`), and a refit on every labelled
+    image passes one without validation images."""
     if split is None:
         data_mod.check_split(data, config.training.validation_fraction)  # callers check first too
         split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
@@ -152,12 +172,14 @@ def run(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="crossentropy")],
     )
-    recorder = EpochRecorder(on_epoch)
+    plan = stream.plan(split.train_labels, config.training, config.seed, config.split_seed)
+    recorder = EpochRecorder(on_epoch, stream.images_seen(plan, 1, len(split.train_labels)))
+    validation = (split.val_images, split.val_labels) if len(split.val_labels) else None
     started = time.perf_counter()
     trainable.fit(
-        **training_batches(split, config.training.batch_size, config.seed),
+        **training_batches(split, config.training.batch_size, config.seed, plan),
         epochs=config.training.epochs,
-        validation_data=(split.val_images, split.val_labels),
+        validation_data=validation,
         callbacks=[recorder, *(callbacks or []), *recipe_callbacks(config)],
         verbose=verbose,
     )
@@ -179,17 +201,22 @@ def run(
         train_seconds=train_seconds,
         precision=precision,
         diverged=recorder.diverged,
+        plan=plan,
+        epoch_seconds=tuple(recorder.seconds),
     )
 
 
-def training_batches(split: Split, batch_size: int, seed: int) -> dict:
-    """`fit` arguments for the training images: every epoch one pass in a new random order.
+def training_batches(split: Split, batch_size: int, seed: int, plan: stream.Plan | None = None) -> dict:
+    """`fit` arguments for the training images: every epoch one pass in a new random order,
+    or, with a plan (`training.epoch_images`), the plan's batches in its order.
 
     On TensorFlow this is one endless tf.data stream read `steps_per_epoch` batches at a
     time: given arrays, Keras builds a new iterator every epoch, and on a few CPU cores
     setting it up stalls the start of an epoch for about as long as short epochs take
     (benchmarks/bench_train.py measures a step against plain `fit`).
     """
+    if plan is not None:
+        return _planned_batches(split, plan)
     if runtime.backend() != "tensorflow":
         return dict(x=split.train_images, y=split.train_labels, batch_size=batch_size, shuffle=True)
     import tensorflow as tf
@@ -205,5 +232,32 @@ def training_batches(split: Split, batch_size: int, seed: int) -> dict:
     return dict(x=batches, steps_per_epoch=math.ceil(n / batch_size), shuffle=False)  # shuffled above
 
 
+def _planned_batches(split: Split, plan: stream.Plan) -> dict:
+    """The plan's batches: gathered from the training images by index (the images are held
+    once; the order is a small int32 array)."""
+    steps, order = plan.steps_per_epoch, plan.order.reshape(-1, plan.batch_size)
+    images, labels = split.train_images, split.train_labels
+    if runtime.backend() != "tensorflow":
+        def batches():
+            while True:  # Keras stops after epochs x steps; early stopping stops sooner
+                for rows in order:
+                    yield images[rows], labels[rows]
+
+        return dict(x=batches(), steps_per_epoch=steps, shuffle=False)
+    import tensorflow as tf
+
+    held_images, held_labels = tf.constant(images), tf.constant(labels)
+    batches = (
+        tf.data.Dataset.from_tensor_slices(order)
+        .map(lambda rows: (tf.gather(held_images, rows), tf.gather(held_labels, rows)),
+             num_parallel_calls=tf.data.AUTOTUNE)
+        .repeat()
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return dict(x=batches, steps_per_epoch=steps, shuffle=False)
+
+
 def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    if len(images) == 0:  # Keras's predict fails on no rows (a refit has no validation images)
+        return np.zeros((0, 10), dtype=np.float32)
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)

@@ -53,7 +53,11 @@ def policy() -> Policy:
 
 def promote(search_run_id: str | None = None, run_id: str | None = None, ensemble: int = 1,
             tta: bool = False, min_delta: float | None = None, force: bool = False,
-            data_dir: str | None = None) -> tuple[bool, str, object]:
+            data_dir: str | None = None, refit: bool = False) -> tuple[bool, str, object]:
+    """Select, (refit,) register, load-check, gate and move the aliases. With `refit`, each
+    member is first trained again on every labelled image (`digitlab.refit`); every refit's
+    configuration and data are checked before the first one trains."""
+    from digitlab import refit as refit_mod
     from digitlab import store
 
     pol = policy()
@@ -61,6 +65,12 @@ def promote(search_run_id: str | None = None, run_id: str | None = None, ensembl
     client = MlflowClient()
     experiment_ids = [e] if (e := store.experiment_id()) else []
     members, search_run = selection.select(client, experiment_ids, search_run_id, run_id, ensemble)
+    if refit:
+        if done := [m.info.run_id for m in members if m.data.tags.get("refit_of")]:
+            raise UserError(f"run {done[0]} is a refit already; promote it without --refit")
+        packaging.check_data(members, dataset)
+        configs = [refit_mod.refit_config(m) for m in members]
+        members = [refit_mod.refit(m, dataset, c) for m, c in zip(members, configs, strict=True)]
     version = packaging.register(members, search_run, tta, dataset, pol)
     packaging.load_check(pol.model_name, version.version, dataset, pol.load_check_rows)
     moved, message = aliases.gate_and_move(client.get_model_version(pol.model_name, version.version), pol,

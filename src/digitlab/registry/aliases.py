@@ -16,11 +16,14 @@ from digitlab.registry.packaging import load_check
 
 
 def comparable(candidate, current) -> tuple[str, float, float]:
-    """Holdout accuracy on the same data when both have it, else validation accuracy."""
+    """Holdout accuracy on the same data when both have it, else validation accuracy: for a
+    refit, which has no validation images left, the one its source trials scored."""
     c, p = candidate.tags, current.tags
     if "holdout_accuracy" in c and "holdout_accuracy" in p and c.get("data_digest") == p.get("data_digest"):
         return "holdout_accuracy", float(c["holdout_accuracy"]), float(p["holdout_accuracy"])
-    return "val_accuracy", float(c.get("val_accuracy", "nan")), float(p.get("val_accuracy", "nan"))
+    metric = "val_accuracy" + (" of its source trials (a refit has no validation images left)"
+                               if c.get("refit") == "true" else "")
+    return metric, float(c.get("val_accuracy", "nan")), float(p.get("val_accuracy", "nan"))
 
 
 def alias_lock(name: str):
@@ -53,7 +56,11 @@ def gate_and_move(candidate, pol, min_delta: float, force: bool) -> tuple[bool, 
             client.set_registered_model_alias(name, pol.previous_alias, production.version)
         client.set_registered_model_alias(name, pol.production_alias, candidate.version)
     replaced = f" (previous: version {production.version})" if production is not None else ""
-    return True, f"version {candidate.version} is now {pol.production_alias}{replaced}"
+    compared = ""
+    if production is not None and not force:
+        metric, new, old = comparable(candidate, production)
+        compared = f"; compared {metric}: {new:.4f} against {old:.4f}"
+    return True, f"version {candidate.version} is now {pol.production_alias}{replaced}{compared}"
 
 
 def rollback(pol, data_dir: str | None = None) -> str:

@@ -108,15 +108,32 @@ def validation_of(members: list[Run]) -> tuple[int, int]:
     return k, int(seed) if k else 0
 
 
+def is_refit(members: list[Run]) -> bool:
+    return all(m.data.tags.get("refit_of") for m in members)
+
+
+def source_val_accuracy(members: list[Run]) -> float:
+    """A refit validates on nothing: the validation accuracy its source trials' own models
+    scored (their mean, for an ensemble) stands in for it."""
+    client = MlflowClient()
+    values = [client.get_run(m.data.tags["refit_of"]).data.metrics.get("val_accuracy_final_model")
+              for m in members]
+    return float(np.mean(values)) if None not in values else float("nan")
+
+
 def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_mod.DigitData,
              batch_size: int, tta: bool) -> dict:
     """Validation accuracy on the members' own split, holdout accuracy when labels exist.
 
     K-fold members are scored out of fold: each training image by the fold models that held
     it out (`folds.oof_probabilities`), not by all of them, most of which trained on it.
+    Refits trained on every labelled image, so none is left to validate on: their source
+    trials' validation accuracy is recorded instead (`source_val_accuracy`).
     """
     k, seed = validation_of(members)
-    if k:
+    if is_refit(members):
+        metrics = {"source_val_accuracy": source_val_accuracy(members)}
+    elif k:
         import keras
 
         models = [[keras.saving.load_model(path, compile=False) for path in group] for group in groups]
@@ -150,6 +167,14 @@ def existing_version(client: MlflowClient, name: str, key: str):
     return None
 
 
+def check_data(members: list[Run], dataset: data_mod.DigitData) -> None:
+    """The members were trained on the data in the data directory (a refit trains on it)."""
+    digests = {m.data.params.get("data.digest") for m in members}
+    if digests != {dataset.digest}:
+        raise UserError(f"the runs were trained on data {sorted(map(str, digests))[0][:12]}, but the "
+                        f"data directory holds {dataset.digest[:12]}: pass the same --data-dir")
+
+
 def register(members: list[Run], search_run: Run | None, tta: bool, dataset: data_mod.DigitData,
              pol):
     """Log the serving model for the member runs and register it as a new version."""
@@ -163,10 +188,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         log.info("these runs are already version %s of %s; not registering again", version.version,
                  pol.model_name)
         return version
-    digests = {m.data.params.get("data.digest") for m in members}
-    if digests != {dataset.digest}:
-        raise UserError(f"the runs were trained on data {sorted(digests)[0][:12]}, but the data "
-                        f"directory holds {dataset.digest[:12]}: pass the same --data-dir")
+    check_data(members, dataset)
     k, _ = validation_of(members)
     example = to_rows(dataset.test_images[:3])
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,9 +242,12 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
             mlflow.log_metrics(metrics)
     version = mlflow.register_model(info.model_uri, pol.model_name)
     best = members[0]
+    refit = is_refit(members)
+    validated = metrics["source_val_accuracy" if refit else "val_accuracy"]
     tags = {
         "source_key": key,
-        "val_accuracy": f"{metrics['val_accuracy']:.6f}",
+        # For a refit, its source trials' (what the gate compares without a holdout)
+        "val_accuracy": f"{validated:.6f}",
         "data_digest": dataset.digest,
         "members": ",".join(m.info.run_id for m in members),
         "tta": str(tta).lower(),
@@ -232,6 +257,10 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
     }
     if k:
         tags["validation_folds"] = str(k)
+    if refit:
+        tags.update(refit="true", refit_of=",".join(m.data.tags["refit_of"] for m in members),
+                    validation="none: refitted on every labelled image; val_accuracy is the "
+                               "source trials'")
     if "holdout_accuracy" in metrics:
         tags["holdout_accuracy"] = f"{metrics['holdout_accuracy']:.6f}"
     for key, value in tags.items():
@@ -240,7 +269,10 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
     description = (
         f"{kind} from {'search run ' + search_run.info.run_id if search_run else 'run ' + best.info.run_id}"
         f" (trial {tags['trial_number'] or '-'}, experiment {best.data.tags.get('experiment')}); "
-        f"validation accuracy {metrics['val_accuracy']:.4f}"
+        + (f"refitted on all {len(dataset.train_labels)} labelled images for "
+           f"{best.data.tags.get('refit_epochs')} epochs; its source trial"
+           f"{'s' if len(members) > 1 else ''}' validation accuracy {validated:.4f}" if refit else
+           f"validation accuracy {validated:.4f}")
         + (f" (out of fold, {k} folds)" if k else "")
         + (f", holdout accuracy {metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "")
         + ("; test-time augmentation" if tta else "")

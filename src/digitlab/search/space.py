@@ -51,6 +51,11 @@ class StudyFile:
     max_epochs: int = 10
     # wall-clock minutes per `digitlab search` invocation; no trial starts after them
     minutes: float | None = None
+    # budget.epoch_images / subset_images / subset_epochs: training.* of every trial (0: the
+    # experiment's own): epochs of a fixed number of images, the first ones on a subset
+    epoch_images: int = 0
+    subset_images: int = 0
+    subset_epochs: int = 0
     sampler: str = "tpe"
     pruner: str = "hyperband"
     min_epochs: int = 1  # epochs every Optuna trial trains before it can be pruned
@@ -63,6 +68,8 @@ class StudyFile:
     # search starts from it instead of from a random draw; the engine samples the rest.
     # Not part of the fingerprint: it only matters when the study is created.
     start: dict = field(default_factory=dict)
+    # Retrain the best trial on every labelled image when the search ends (`promote --refit`)
+    refit: bool = False
 
     @property
     def name(self) -> str:
@@ -84,13 +91,20 @@ class StudyFile:
         }
         if self.folds:  # trials scored out of fold are not comparable with single-split ones
             data["folds"] = self.folds
+        # Set only when used, so that studies made before these settings existed resume.
+        data.update({k: v for k, v in self.lengths().items()})
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+    def lengths(self) -> dict[str, int]:
+        """The budget's training.* settings of epoch length and subset rungs that it sets."""
+        return {f"training.{k}": v for k in ("epoch_images", "subset_images", "subset_epochs")
+                if (v := getattr(self, k))}
 
     def overrides(self, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Sampled values -> (experiment name, config overrides) for `train.run`."""
         values = dict(values)
         experiment = values.pop(ARCHITECTURE_KEY, self.experiments[0])
-        overrides = {**self.fixed, **values, "training.epochs": self.max_epochs}
+        overrides = {**self.fixed, **self.lengths(), **values, "training.epochs": self.max_epochs}
         return experiment, overrides
 
     def trial_config(self, values: dict[str, Any], seed: int, number: int = 0,
@@ -180,7 +194,8 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
     path = resources.find("search", str(name_or_path))
     raw = config_mod.read_mapping(path)
     known_sections = {"description", "experiments", "experiment", "objective", "budget", "optuna",
-                      "kerastuner", "fixed", "space", "start", "max_consecutive_failures", "validation"}
+                      "kerastuner", "fixed", "space", "start", "max_consecutive_failures", "validation",
+                      "refit"}
     unknown = sorted(set(raw) - known_sections)
     if unknown:
         raise ConfigError(f"{path}: unknown section {unknown[0]!r}")
@@ -205,6 +220,9 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
                           ("validation", validation)):
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {name} must be a mapping")
+    budget_keys = {"trials", "max_epochs", "minutes", "epoch_images", "subset_images", "subset_epochs"}
+    if unknown := sorted(set(budget) - budget_keys):
+        raise ConfigError(f"{path}: unknown option budget.{unknown[0]} (known: {', '.join(sorted(budget_keys))})")
     if unknown := sorted(set(validation) - {"folds"}):
         raise ConfigError(f"{path}: unknown option validation.{unknown[0]} (known: folds)")
 
@@ -223,6 +241,9 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
         trials=budget.get("trials", 10),
         max_epochs=budget.get("max_epochs", 10),
         minutes=budget.get("minutes"),
+        epoch_images=budget.get("epoch_images", 0),
+        subset_images=budget.get("subset_images", 0),
+        subset_epochs=budget.get("subset_epochs", 0),
         sampler=optuna_opts.get("sampler", "tpe"),
         pruner=optuna_opts.get("pruner", "hyperband"),
         min_epochs=optuna_opts.get("min_epochs", 1),
@@ -232,6 +253,7 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
         fixed=dict(fixed),
         params=tuple(params),
         start=dict(start),
+        refit=raw.get("refit", False),
     )
     _check(result)
     return result
@@ -249,6 +271,12 @@ def _check(s: StudyFile) -> None:
         (s.minutes is None or (isinstance(s.minutes, (int, float)) and not isinstance(s.minutes, bool)
                                and s.minutes > 0),
          "budget.minutes must be a positive number"),
+        (all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+             for v in (s.epoch_images, s.subset_images, s.subset_epochs)),
+         "budget.epoch_images, subset_images and subset_epochs must be whole numbers >= 0"),
+        (not (s.subset_images and s.subset_epochs) or s.epoch_images,
+         "budget.subset_images needs budget.epoch_images (epochs of a fixed number of images)"),
+        (isinstance(s.refit, bool), "refit must be true or false"),
         (s.sampler in OPTUNA_SAMPLERS, f"optuna.sampler must be one of {', '.join(OPTUNA_SAMPLERS)}"),
         (s.pruner in OPTUNA_PRUNERS, f"optuna.pruner must be one of {', '.join(OPTUNA_PRUNERS)}"),
         (isinstance(s.min_epochs, int) and 1 <= s.min_epochs <= s.max_epochs,

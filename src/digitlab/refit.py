@@ -1,0 +1,123 @@
+"""Refit: a chosen trial's configuration trained again on every labelled image, training
+and validation images together, for the length the search found best.
+
+A search holds back validation images to choose; once it has chosen, they are worth more
+as training data. The refit is its own MLflow run nested under the trial it came from
+(tags `refit_of`, `trial_number`), trained through the one tracked-run path and logged like
+any other run; `digitlab promote --refit` registers it through the same gate, load check
+and aliases. A finished refit of the same trial on the same data is reused, so a promote
+that was interrupted, or run again, does not train it twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from digitlab import config as config_mod
+from digitlab.data import DigitData, Split
+from digitlab.errors import ConfigError, UserError, one_line
+
+log = logging.getLogger(__name__)
+
+KIND = "refit"
+
+
+def rebuild(run: Run):
+    """The run's own configuration (its config.yaml artifact) as trained, checked, with
+    nothing run yet: a run whose configuration cannot be rebuilt is one line, exit 2."""
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml",
+                                                       dst_path=tmp)
+            raw = config_mod.read_mapping(Path(path))
+    except (mlflow.exceptions.MlflowException, OSError, ConfigError) as exc:
+        raise UserError(f"run {run_id}: its configuration cannot be rebuilt for a refit (config.yaml: "
+                        f"{one_line(exc)}); nothing trained, aliases unchanged") from None
+    try:
+        return config_mod.from_dict(raw)
+    except ConfigError as exc:
+        raise UserError(f"run {run_id}: its config.yaml no longer builds ({exc}); nothing trained, "
+                        "aliases unchanged") from None
+
+
+def length(run: Run) -> int:
+    """Epochs the trial trained its returned model for: the length the search found best."""
+    metrics = run.data.metrics
+    epochs = metrics.get("best_epoch") if run.data.params.get("training.restore_best") == "True" \
+        else metrics.get("epochs_trained")
+    if not epochs or epochs < 1:
+        raise UserError(f"run {run.info.run_id} records no epochs_trained metric: nothing to refit "
+                        "for; nothing trained, aliases unchanged")
+    return int(epochs)
+
+
+def refit_config(run: Run):
+    """The trial's configuration for a refit: its length, every epoch on all images, and no
+    callback that watches validation images (there are none left)."""
+    config = rebuild(run)
+    return config_mod.apply_overrides(config, {
+        "training.epochs": length(run),
+        "training.subset_epochs": 0,
+        "training.early_stopping.enabled": False,
+        "training.reduce_lr.enabled": False,
+        "training.restore_best": False,
+    })
+
+
+def existing(client: MlflowClient, run: Run, digest: str) -> Run | None:
+    """A finished refit of `run` on the same data, if one exists."""
+    found = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`digitlab.kind` = "
+                      f"'{KIND}' and tags.data_digest = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def end_abandoned(client: MlflowClient, run: Run) -> None:
+    """Refits of `run` whose process on this machine died (kill -9 leaves them RUNNING)
+    end KILLED, so the runs table shows no refit as still going."""
+    from digitlab.search.coordination import owner_is_gone
+
+    for stale in client.search_runs(
+            [run.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`digitlab.kind` = "
+                          f"'{KIND}' and attributes.status = 'RUNNING'"):
+        if owner_is_gone(stale.data.tags.get("worker", "")):
+            client.set_tag(stale.info.run_id, "error", "interrupted: the process running this refit died")
+            client.set_terminated(stale.info.run_id, "KILLED")
+
+
+def refit(run: Run, data: DigitData, config=None, verbose: int | str = 0) -> Run:
+    """The refit of trial `run` on every labelled image of `data`: an existing one, or a new
+    run nested under the trial. `config` is `refit_config(run)` when the caller has checked
+    it already."""
+    from digitlab import train
+    from digitlab.search.coordination import worker_id
+    from digitlab.tracked import tracked_run
+
+    client = MlflowClient()
+    if found := existing(client, run, data.digest):
+        log.info("run %s is already refitted: run %s", run.info.run_id, found.info.run_id)
+        return found
+    config = config or refit_config(run)
+    end_abandoned(client, run)
+    everything = Split(data.train_images, data.train_labels, data.train_images[:0], data.train_labels[:0])
+    tags = {"digitlab.kind": KIND, "refit_of": run.info.run_id, "worker": worker_id(),
+            "trial_number": run.data.tags.get("trial_number", ""), "validation": "none",
+            "refit_epochs": config.training.epochs}
+    name = f"refit {run.info.run_name}"
+    log.info("%s: %d epochs on all %d labelled images", name, config.training.epochs,
+             len(data.train_labels))
+    run_id, _, _ = tracked_run(config, data, name=name, tags=tags, parent_run_id=run.info.run_id,
+                               experiment_id=run.info.experiment_id, verbose=verbose,
+                               fit=functools.partial(train.run, split=everything), refit=True)
+    return client.get_run(run_id)
