@@ -157,9 +157,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path | None = None, seco
             time.sleep(0.5)
 
 
-def kill_during_trial(args: list[str], cwd: Path, marker: str) -> None:
-    """Start `digitlab -v ARGS`, SIGKILL it at the first Keras epoch line after the line that
-    holds `marker` (-v prints a line per epoch), and check that it died of the signal."""
+def kill_during_trial(args: list[str], cwd: Path, marker: str, epoch_line: str = "val_accuracy:") -> None:
+    """Start `digitlab -v ARGS`, SIGKILL it at the first Keras epoch line (one holding
+    `epoch_line`) after the line that holds `marker` (-v prints a line per epoch), and check
+    that it died of the signal."""
     import signal
     import threading
 
@@ -172,7 +173,7 @@ def kill_during_trial(args: list[str], cwd: Path, marker: str) -> None:
         for line in proc.stdout:
             seen.append(line)
             started = started or marker in line
-            if started and "val_accuracy:" in line:  # Keras's epoch line, not a summary
+            if started and epoch_line in line:  # Keras's epoch line, not a summary
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait(timeout=60)

@@ -49,6 +49,7 @@ def setup(is_verbose: bool | None = None) -> None:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ["MLFLOW_LOGGING_LEVEL"] = "ERROR"
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # "Downloading artifacts" bars
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     warnings.filterwarnings("ignore")  # the libraries' deprecation and user warnings
     for name in ("mlflow", "alembic", "optuna", "absl", "tensorflow", "keras_tuner", "urllib3"):

@@ -96,11 +96,11 @@ def end_abandoned(client: MlflowClient, run: Run) -> None:
             client.set_terminated(stale.info.run_id, "KILLED")
 
 
-def refit(run: Run, data: DigitData, config=None, verbose: int | str = 0) -> Run:
+def refit(run: Run, data: DigitData, config=None) -> Run:
     """The refit of trial `run` on every labelled image of `data`: an existing one, or a new
     run nested under the trial. `config` is `refit_config(run)` when the caller has checked
     it already."""
-    from digitlab import train
+    from digitlab import console, train
     from digitlab.search.coordination import worker_id
     from digitlab.tracked import tracked_run
 
@@ -118,6 +118,7 @@ def refit(run: Run, data: DigitData, config=None, verbose: int | str = 0) -> Run
     log.info("%s: %d epochs on all %d labelled images", name, config.training.epochs,
              len(data.train_labels))
     run_id, _, _ = tracked_run(config, data, name=name, tags=tags, parent_run_id=run.info.run_id,
-                               experiment_id=run.info.experiment_id, verbose=verbose,
+                               experiment_id=run.info.experiment_id,
+                               verbose=2 if console.verbose() else 0,
                                fit=functools.partial(train.run, split=everything), refit=True)
     return client.get_run(run_id)
