@@ -4,7 +4,6 @@ image: on tiny real data, real Keras training, a real MLflow store."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
