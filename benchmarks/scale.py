@@ -1,6 +1,6 @@
 """The default search at the competition's size: what it costs, and what it trains.
 
-    python benchmarks/scale.py [--quick] [--sizes 5000,21000,42000] [--json PATH]
+    python benchmarks/scale.py [--quick] [--sizes 5000,21000,42000] [--memory 60000] [--json PATH]
 
 For each size, the default search (`digitlab search --data-dir DIR`, no other flag, as a
 user runs it on their own folder), then `digitlab promote` and `digitlab submit`, each as
@@ -13,11 +13,13 @@ Rows: wall time of the search, trials started and completed, trials trained at f
 fidelity (every epoch, all training images), images seen by all trials, the search
 process's peak RSS, CSV load time (parse and validate, no cache), and the rows of the
 submission. On 5,000 images also the holdout accuracy of the promoted single model and
-top-3 ensemble. Shifted copies of the same digits land on both sides of any split, so
+top-3 ensemble. --memory sizes (default 60,000) get one short training run each, for its
+peak RSS. Shifted copies of the same digits land on both sides of any split, so
 accuracy on the larger sets measures nothing and is not reported: they measure time and
 memory only.
 
---quick (CI's smoke test): 5,000 and 10,000 rows with the quick study, two one-epoch trials.
+--quick (CI's smoke test): 5,000 and 10,000 rows with the quick study, two one-epoch trials,
+and the training run at 10,000 rows.
 """
 
 from __future__ import annotations
@@ -162,17 +164,39 @@ def measure_size(rows: int, quick: bool) -> list[Row]:
     return out
 
 
+def training_peak(rows: int) -> Row:
+    """Peak RSS of one `digitlab train` of the default study's model at `rows` labelled rows
+    (one epoch of the default study's length): memory at a size the search is not run at."""
+    with scratch(f"memory-{rows}") as root:
+        folder = make_data(Path(root), rows)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        sh(str(BIN / "digitlab"), "train", "--experiment", "kaggle_cnn_elastic", "--epochs", "1",
+           "--set", "training.epoch_images=3840", "--data-dir", str(folder))
+        peak_gb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
+    return Row(f"{rows:,} rows", "peak RSS of one training run", peak_gb, "GB", "<= 4", peak_gb <= 4,
+               note="digitlab train, kaggle_cnn_elastic, one epoch of 3,840 images, then its "
+                    f"{rows * 2 // 3:,}-row test set predicted")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test: small sizes, the quick study")
     parser.add_argument("--sizes", default="", help="comma-separated row counts (default 5000,21000,42000)")
+    parser.add_argument("--memory", default="",
+                        help="comma-separated row counts for a training run's peak RSS (default 60000)")
     parser.add_argument("--json", default="benchmarks/scale.json", help="where to write the JSON")
     args = parser.parse_args()
+    from digitlab import console
+
+    console.setup()  # our table, not TensorFlow's start-up lines
+    console.import_backend()
     sizes = [int(s) for s in args.sizes.split(",") if s] or ([5000, 10000] if args.quick else [5000, 21000, 42000])
+    memory = [int(s) for s in args.memory.split(",") if s] or ([10000] if args.quick else [60000])
     rows: list[Row] = []
     for size in sizes:
         rows += measure_size(size, args.quick)
         print_table(rows)  # as it goes: a full run takes about an hour
+    rows += [training_peak(size) for size in memory]
     info = machine()
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}, {info['date']}"
           + (" (--quick)" if args.quick else ""))
