@@ -186,6 +186,22 @@ def test_refit_of_a_run_whose_configuration_is_gone_is_one_line(workdir, tiny_di
     assert not client.search_registered_models()  # nothing registered, no alias
 
 
+def test_a_refit_rebuilds_the_trials_own_configuration_without_its_experiment_file(workdir, tiny_dir):
+    """The trial's config.yaml is what it trained: a user's experiment file that has since
+    gone (or changed) does not stop a refit."""
+    (workdir / "experiments").mkdir()
+    (workdir / "experiments" / "mine.yaml").write_text(
+        "model:\n  blocks: [{filters: [6, 12], kernel_size: 3, pool: max}]\n  dense_units: [24]\n")
+    study = STUDY.replace("refit: true", "").replace("experiments: [basic_cnn]", "experiments: [mine]")
+    (workdir / "study.yaml").write_text(study.replace("model.blocks.0.filters: [8, 16]", "model.l2: 0.0"))
+    assert cli.main(["search", "--space", "study.yaml", "--data-dir", str(tiny_dir)]) == 0
+    (workdir / "experiments" / "mine.yaml").unlink()
+    assert cli.main(["promote", "--refit", "--data-dir", str(tiny_dir)]) == 0
+    version = MlflowClient().get_model_version_by_alias("digit-recognizer", "production")
+    refit = MlflowClient().get_run(version.tags["members"])
+    assert refit.data.tags["experiment"] == "mine" and "'filters': [6, 12]" in refit.data.params["model.blocks"]
+
+
 @pytest.mark.slow
 def test_kill_during_a_refit_moves_no_alias_and_the_next_promote_works(workdir, tiny_dir):
     (workdir / "study.yaml").write_text(STUDY.replace("refit: true", "").replace("max_epochs: 3", "max_epochs: 6"))
