@@ -92,7 +92,7 @@ class StudyFile:
         if self.folds:  # trials scored out of fold are not comparable with single-split ones
             data["folds"] = self.folds
         # Set only when used, so that studies made before these settings existed resume.
-        data.update({k: v for k, v in self.lengths().items()})
+        data.update(self.lengths())
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
     def lengths(self) -> dict[str, int]:
