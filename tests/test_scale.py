@@ -212,6 +212,7 @@ def test_kill_during_a_refit_moves_no_alias_and_the_next_promote_works(workdir, 
     subprocess.run([*run, "promote", "--data-dir", str(tiny_dir)], check=True, env=env, capture_output=True)
     kill_during_trial(["promote", "--refit", "--force", "--data-dir", str(tiny_dir)], workdir, "refit trial-",
                       epoch_line="accuracy:")  # a refit validates on nothing
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # this test's store, not an earlier one's
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("digit-recognizer", "production").version) == "1"
     assert len(client.search_model_versions("name = 'digit-recognizer'")) == 1
