@@ -172,6 +172,8 @@ def test_unauthenticated_request_to_an_auth_server_gets_401(tmp_path, database):
     [
         ({"MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-test-only-secret-1"}, "MLFLOW_FLASK_SERVER_SECRET_KEY"),
         ({"MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}, "needs a password to create the admin user"),
+        ({}, "MLFLOW_FLASK_SERVER_SECRET_KEY"),  # both missing: both named, on one line
+        ({}, "needs a password to create the admin user"),
         ({**AUTH_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": "short"}, "at least 12 characters"),
         ({**AUTH_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"}, "insecure default password"),
     ],
@@ -184,6 +186,7 @@ def test_launcher_refuses_an_exposed_address_without_auth(tmp_path, env, message
                           cwd=tmp_path, env={**clean, **env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_unreachable_storage_or_server_fails_fast(workdir, tiny_dir):

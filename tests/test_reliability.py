@@ -228,6 +228,22 @@ def test_writing_a_submission_removes_what_killed_writers_left(tmp_path):
         ".other.csv.k1ll3d.tmp", ".submission.csv.wr1t1ng.tmp", "submission.csv"]
 
 
+def test_a_submit_after_a_killed_submit_leaves_no_temporary_file(tmp_path):
+    """kill -9 between writing the temporary file and renaming it; the next write into the
+    folder, a moment later, removes what the dead writer left."""
+    path = tmp_path / "submission.csv"
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys; from pathlib import Path; from digitlab import osutil; "
+         "osutil.atomic_write(Path(sys.argv[1]), 'ImageId,Label\\n1,', "
+         "check=lambda tmp: os.kill(os.getpid(), signal.SIGKILL))", str(path)])
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".submission.csv.") and left.name.endswith(".tmp")
+    submission.write(np.array([1, 2, 3]), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
+
+
 # --- the tracking server's process tree ---------------------------------------------------
 
 

@@ -13,8 +13,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # A writer's temporary file lives for the moment of one write; one older than this was
-# left by a writer that was killed (age, not a pid, since a folder may be shared by hosts).
+# left by a writer that was killed. A temporary file names its writer (host and pid), so
+# one whose writer on this host is gone is removed at once; another host's only by age.
 STALE_TEMPORARY_SECONDS = 60
+
+
+def _writer_is_gone(name: str, prefix: str) -> bool:
+    """Whether the temporary file `name` (prefix + host-pid.random.tmp) was left by a
+    process of this host that no longer runs."""
+    import socket
+
+    writer = name[len(prefix):].removesuffix(".tmp").rpartition(".")[0]  # mkstemp's part has no dot
+    host, _, pid = writer.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644,
@@ -24,11 +43,16 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644,
     that killed writers left beside `path` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    import socket
+
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+            if (_writer_is_gone(stale.name, prefix)
+                    or time.time() - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS):
                 stale.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

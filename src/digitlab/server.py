@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,22 +42,33 @@ def wants_auth(host: str, auth: bool) -> bool:
     return auth or not is_loopback(host)
 
 
-def check_auth_settings(config_path: Path) -> None:
+def check_auth_settings() -> None:
     """MLflow's own checks of the auth settings (secret key, admin password), run here.
 
     `mlflow server` runs the same checks before it starts its workers, but a failure there
-    is a traceback and exit status 1; run first, in this process, it is MLflow's message on
-    one line and exit status 2. The rules themselves stay MLflow's.
+    is a traceback and exit status 1, one problem at a time; run first, in this process,
+    every problem is named on one line, exit status 2. The rules themselves stay MLflow's.
+    They run against a throw-away copy of the settings and user database, so that a
+    refused server leaves no file behind; the server bootstraps its own.
     """
-    with osutil.environ(MLFLOW_AUTH_CONFIG_PATH=str(config_path)):
-        from mlflow.exceptions import MlflowException
-        from mlflow.server import auth as mlflow_auth
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with osutil.environ(MLFLOW_AUTH_CONFIG_PATH=str(auth_config(Path(tmp), None))):
+            from mlflow.exceptions import MlflowException
+            from mlflow.server import auth as mlflow_auth
+            from mlflow.server.auth.config import read_auth_config
 
-        try:
-            mlflow_auth.get_flask_server_secret_key()
-            mlflow_auth.bootstrap_admin_user()  # what `mlflow server` does first; idempotent
-        except MlflowException as exc:
-            raise UserError(" ".join(exc.message.split())) from None
+            # The module reads its settings once, on import: point it at this copy.
+            mlflow_auth.auth_config = read_auth_config()
+            for check in (mlflow_auth.get_flask_server_secret_key, mlflow_auth.bootstrap_admin_user):
+                try:
+                    check()  # bootstrap: what `mlflow server` does first
+                except MlflowException as exc:
+                    problems.append(" ".join(exc.message.split()))
+            with contextlib.suppress(Exception):
+                mlflow_auth.store.engine.dispose()  # let go of the throw-away database
+    if problems:
+        raise UserError(" Also: ".join(problems))
 
 
 def auth_config(state_dir: Path, auth_db_uri: str | None) -> Path:
@@ -97,9 +109,8 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str = "s
     auth = wants_auth(host, auth)
     env = dict(os.environ)
     if auth:
-        config_path = auth_config(Path(state_dir), auth_db_uri).resolve()
-        check_auth_settings(config_path)
-        env["MLFLOW_AUTH_CONFIG_PATH"] = str(config_path)
+        check_auth_settings()  # before anything is written
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(Path(state_dir), auth_db_uri).resolve())
     if "://" not in artifacts_destination:
         Path(artifacts_destination).mkdir(parents=True, exist_ok=True)
         artifacts_destination = str(Path(artifacts_destination).resolve())
