@@ -4,6 +4,7 @@ run that nothing can rank or register, or a stopped process tree; never a traceb
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,11 +148,63 @@ def test_one_image_per_class_is_a_one_line_error(workdir, capsys):
     d = kaggle_dir(workdir / "one-each", per_class=1)
     with pytest.raises(DataError, match="digit 0 has 1 training image and the validation split"):
         data.check_split(data.load(d), 0.1)
-    code = cli.main(["train", "--experiment", "dnn", "--epochs", "1", "--data-dir", str(d)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and "leaving none to train on" in err, err
-    assert not (workdir / "mlflow.db").exists()  # refused before any run was opened
+    shutil.rmtree(d / data.CACHE_DIR_NAME)  # what loading without a check wrote
+    for command in (["train", "--experiment", "dnn", "--epochs", "1"], ["compare", "--experiments", "dnn"],
+                    ["search", "--space", "quick"], ["search", "--space", "quick", "--folds", "3"]):
+        code = cli.main([*command, "--data-dir", str(d)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2
+        assert len(err.splitlines()) == 1 and ("leaving none to train on" in err or "3-fold" in err), err
+        assert not (workdir / "mlflow.db").exists()  # refused before any run was opened
+        # and nothing written into the user's data folder: only their own files
+        assert sorted(p.name for p in d.iterdir()) == ["test.csv", "train.csv"], command
+
+
+def test_an_unknown_run_id_is_one_line(workdir, tiny_dir, capsys):
+    from digitlab import store
+
+    store.configure()
+    for option in ("--run", "--search-run"):
+        code = cli.main(["promote", option, "0123456789abcdef0123456789abcdef", "--force",
+                         "--data-dir", str(tiny_dir)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert len(err.splitlines()) == 1 and "0123456789abcdef0123456789abcdef" in err
+        assert f"{option} 0123456789abcdef0123456789abcdef: no such run in the tracking store sqlite:///" in err
+
+
+def test_promote_and_submit_print_only_their_own_lines(workdir, tiny_dir):
+    """Output to a file, as in a log: no library warning, escape code or download bar, on
+    success or on refusal."""
+    (workdir / "space.yaml").write_text(TINY_SPACE.replace("trials: 3", "trials: 1"))
+    digitlab = [sys.executable, "-m", "digitlab"]
+
+    def run(*args: str) -> tuple[int, list[str]]:
+        with open(workdir / "out.log", "w") as log:
+            code = subprocess.run([*digitlab, *args, "--data-dir", str(tiny_dir)], cwd=workdir,
+                                  stdout=log, stderr=subprocess.STDOUT).returncode
+        return code, (workdir / "out.log").read_text().splitlines()
+
+    assert run("search", "--space", "space.yaml")[0] == 0
+    for args, lines in ((["promote"], 2), (["submit"], 3), (["promote", "--run", "f" * 32], 1)):
+        code, out = run(*args)
+        assert code == (2 if "--run" in args else 0), out
+        ours = [line for line in out if line.strip() and "predicting test.csv" not in line]
+        assert len(ours) == lines, out  # besides submit's own progress bar
+        assert not [line for line in out if "Warning" in line or "\x1b[" in line
+                    or "Downloading artifacts" in line], out
+
+
+def test_a_study_whose_every_trial_failed_exits_non_zero(workdir, tiny_dir, capsys):
+    # learning rates that make every trial diverge, fewer trials than stop a search early
+    (workdir / "space.yaml").write_text(TINY_SPACE.replace("trials: 3", "trials: 2").replace(
+        "max_consecutive_failures: 2", "max_consecutive_failures: 3").replace(
+        "low: 1.0e-3, high: 1.0e-2", "low: 1.0e+6, high: 1.0e+7"))
+    code = cli.main(["search", "--space", "space.yaml", "--data-dir", str(tiny_dir)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "promote" not in out
+    assert "no trial completed (2 FAIL); most failed trials: " in err and "(2 of 2)" in err
 
 
 def test_two_images_per_class_split(workdir):

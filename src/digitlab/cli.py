@@ -53,8 +53,8 @@ def cmd_train(args) -> int:
     from digitlab import data
 
     cfg = _experiment_config(args.experiment, args)
-    dataset = data.load(args.data_dir)
-    data.check_split(dataset, cfg.training.validation_fraction)
+    # checked before anything (a cache) is written into the user's data folder
+    dataset = data.load(args.data_dir, lambda d: data.check_split(d, cfg.training.validation_fraction))
     console.import_backend()
     from digitlab import store, tracked
 
@@ -74,9 +74,12 @@ def cmd_compare(args) -> int:
     if names == ["all"]:
         names = config.available_experiments()
     configs = [_experiment_config(n, args) for n in names]
-    dataset = data.load(args.data_dir)
-    for cfg in configs:
-        data.check_split(dataset, cfg.training.validation_fraction)
+
+    def check(dataset) -> None:
+        for cfg in configs:
+            data.check_split(dataset, cfg.training.validation_fraction)
+
+    dataset = data.load(args.data_dir, check)
     console.import_backend()
     from digitlab import compare, store
 
@@ -96,13 +99,16 @@ def cmd_search(args) -> int:
         minutes=args.minutes, workers=args.workers, storage=args.storage or None,
         study=args.study or None, data_dir=args.data_dir, seed=args.seed, folds=args.folds,
     )
-    dataset = data.load(settings.data_dir)
-    if settings.folds:  # the folds replace each experiment's validation split
-        folds.check(dataset, settings.folds)
-    else:
+
+    def check(dataset) -> None:
+        if settings.folds:  # the folds replace each experiment's validation split
+            folds.check(dataset, settings.folds)
+            return
         for name in settings.space.experiments:
             fraction = config.load_experiment(name, settings.space.fixed).training.validation_fraction
             data.check_split(dataset, fraction)
+
+    dataset = data.load(settings.data_dir, check)
     console.import_backend()
     summary = search.run_study(settings, dataset)
     if summary.get("already_finished"):
@@ -117,10 +123,13 @@ def cmd_search(args) -> int:
         print(f"time budget of {settings.space.minutes:g} minutes used up before all "
               f"{settings.trials} trials, {completed} completed (an ensemble of K needs K); "
               "the same command goes on with the study")
-    if best:
-        metric = settings.space.scored_by + (f" ({settings.folds}-fold)" if settings.folds else "")
-        print(f"best trial {best['number']}: {metric} {best['value']:.4f} "
-              f"(MLflow run {best['run_id']})")
+    if not best:  # nothing to promote: a failed search, as Optuna users expect
+        from digitlab.search import report
+
+        print(f"digitlab: {report.nothing_completed(summary['rows'])}", file=sys.stderr)
+        return 1
+    metric = settings.space.scored_by + (f" ({settings.folds}-fold)" if settings.folds else "")
+    print(f"best trial {best['number']}: {metric} {best['value']:.4f} (MLflow run {best['run_id']})")
     if refitted := summary.get("refit_run_id"):
         print(f"refitted trial {best['number']} on every labelled image: MLflow run {refitted}")
     print(f"parent MLflow run {summary['parent_run_id']}; next: digitlab promote"

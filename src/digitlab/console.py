@@ -52,8 +52,29 @@ def setup(is_verbose: bool | None = None) -> None:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # "Downloading artifacts" bars
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     warnings.filterwarnings("ignore")  # the libraries' deprecation and user warnings
+    # MLflow turns some of its UserWarnings back on inside its own functions (a "once"
+    # filter that comes before ours), so they are also dropped where warnings are shown.
+    warnings.showwarning = _hide_warning
     for name in ("mlflow", "alembic", "optuna", "absl", "tensorflow", "keras_tuner", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _hide_warning(*args, **kwargs) -> None:
+    """`warnings.showwarning` when not verbose: nothing reaches the terminal."""
+
+
+@contextlib.contextmanager
+def library_lines_hidden():
+    """What a library prints past its log level (MLflow's "Successfully registered model
+    ..." and "Created version ..." lines) is dropped, unless verbose. MLflow's own switch
+    for them (`disable_logging`) is turned back on by its other functions."""
+    if verbose():
+        yield
+        return
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,9 @@ def content_digest(train_pixels, train_labels, test_pixels, test_labels) -> str:
     return h.hexdigest()
 
 
-def load_kaggle_dir(data_dir: Path) -> DigitData:
-    """train.csv, test.csv and solution.csv when present, all validated before any cache
+def load_kaggle_dir(data_dir: Path, check: Callable[[DigitData], None] | None = None) -> DigitData:
+    """train.csv, test.csv and solution.csv when present, all validated (and `check`ed: the
+    caller's rules, such as enough images of every digit for its split) before any cache
     entry is written (`nothing is created` from a directory that fails)."""
     for name in ("train.csv", "test.csv"):  # before parsing a large train.csv in vain
         if not (data_dir / name).is_file():
@@ -86,10 +88,8 @@ def load_kaggle_dir(data_dir: Path) -> DigitData:
                 f"{solution_path}: ImageId must run 1..{len(test)} in order, one per test.csv row"
             )
         test_labels = solution[:, 1]
-    write_cache(train_cache)
-    write_cache(test_cache)
     train_labels = train[:, 0]
-    return DigitData(
+    loaded = DigitData(
         train_images=to_images(train[:, 1:]),
         train_labels=train_labels,
         test_images=to_images(test),
@@ -97,6 +97,11 @@ def load_kaggle_dir(data_dir: Path) -> DigitData:
         digest=content_digest(train[:, 1:], train_labels, test, test_labels),
         source=str(data_dir),
     )
+    if check is not None:
+        check(loaded)
+    write_cache(train_cache)
+    write_cache(test_cache)
+    return loaded
 
 
 # --- MNIST IDX -------------------------------------------------------------------
@@ -212,8 +217,11 @@ def write_embedded(data_dir: Path = DEFAULT_DATA_DIR) -> Path:
 # --- one entry point -------------------------------------------------------------
 
 
-def load(data_dir: str | Path | None = None) -> DigitData:
-    """Load a Kaggle-layout or IDX directory; the default directory is created if missing."""
+def load(data_dir: str | Path | None = None, check: Callable[[DigitData], None] | None = None) -> DigitData:
+    """Load a Kaggle-layout or IDX directory; the default directory is created if missing.
+
+    `check(data)` raises DataError for data the caller cannot use (e.g. `check_split`); it
+    runs before anything is written into the directory."""
     data_dir = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
     if not data_dir.exists():
         if data_dir != DEFAULT_DATA_DIR:
@@ -222,9 +230,11 @@ def load(data_dir: str | Path | None = None) -> DigitData:
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: not a directory")
     if (data_dir / "train.csv").exists() or (data_dir / "test.csv").exists():
-        loaded = load_kaggle_dir(data_dir)
+        loaded = load_kaggle_dir(data_dir, check)
     elif _find_idx(data_dir, IDX_FILES["train_images"]):
         loaded = load_idx_dir(data_dir)
+        if check is not None:  # IDX files get no cache: nothing was written
+            check(loaded)
     else:
         raise DataError(f"{data_dir}: holds neither train.csv/test.csv nor MNIST IDX files")
     _warn_missing_classes(loaded)

@@ -17,8 +17,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from digitlab import console, folds
 from digitlab import data as data_mod
-from digitlab import folds
 from digitlab.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                                 f"failed to package or predict ({type(exc).__name__}: "
                                 f"{one_line(exc)}); nothing registered, aliases unchanged") from None
             mlflow.log_metrics(metrics)
-    version = mlflow.register_model(info.model_uri, pol.model_name)
+    with console.library_lines_hidden():
+        version = mlflow.register_model(info.model_uri, pol.model_name)
     best = members[0]
     refit = is_refit(members)
     validated = metrics["source_val_accuracy" if refit else "val_accuracy"]

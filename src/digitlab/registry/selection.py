@@ -55,18 +55,32 @@ def ranked_trials(client: MlflowClient, search_run: Run) -> list[Run]:
     return sorted(trials, key=lambda t: (sign * t.data.metrics["objective"], crossentropy(t), t.info.run_id))
 
 
+def get_run(client: MlflowClient, run_id: str, option: str) -> Run:
+    """The run `run_id` names, or a one-line error that names it and the store."""
+    import mlflow
+
+    from digitlab.search.coordination import redact
+
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"{option} {run_id}: no such run in the tracking store "
+                        f"{redact(mlflow.get_tracking_uri())}") from None
+
+
 def select(client: MlflowClient, experiment_ids: list[str], search_run_id: str | None,
            run_id: str | None, ensemble: int) -> tuple[list[Run], Run | None]:
     """The member runs of the candidate (one, or the top K of a search) and their search."""
     if run_id:
-        run = client.get_run(run_id)
+        run = get_run(client, run_id, "--run")
         tags = run.data.tags
         if run.info.status == "FAILED" or tags.get("trial_state") == "FAIL":
             why = one_line(tags.get("error") or tags.get("fail_reason") or "no reason recorded")
             raise UserError(f"run {run_id} failed ({why}); a failed run is never promoted")
         parent_id = tags.get("mlflow.parentRunId")
         return [run], client.get_run(parent_id) if parent_id else None
-    search_run = client.get_run(search_run_id) if search_run_id else latest_search_run(client, experiment_ids)
+    search_run = (get_run(client, search_run_id, "--search-run") if search_run_id
+                  else latest_search_run(client, experiment_ids))
     trials = ranked_trials(client, search_run)
     if not trials:
         raise UserError(f"search run {search_run.info.run_id} has no completed trial to promote")

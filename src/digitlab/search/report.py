@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from digitlab import console, registry, store
+from digitlab.errors import one_line
 from digitlab.search import params
 from digitlab.search import trial as trial_mod
 from digitlab.search.coordination import redact
@@ -126,6 +127,26 @@ def describe(settings: Settings, best: dict | None = None) -> str:
                                  if k.startswith("params.") and v is not None})
         lines.append(f"- best: trial {best['number']}, {space.metric} {best['value']:.4f} ({values})")
     return "\n".join(lines)
+
+
+def nothing_completed(rows: list[dict]) -> str:
+    """Why a study has no completed trial, in one line: how its trials ended, and the most
+    common reason a trial failed (the runs' short `fail_reason` tag)."""
+    import collections
+
+    client = MlflowClient()
+    states = collections.Counter(r["state"] for r in rows)
+    reasons = collections.Counter()
+    for row in rows:
+        if row["state"] == "FAIL":
+            tags = client.get_run(row["run_id"]).data.tags if row.get("run_id") else {}
+            reasons[tags.get("fail_reason") or row.get("fail_reason") or "no reason recorded"] += 1
+    ended = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trial ran"
+    line = f"no trial completed ({ended})"
+    if reasons:
+        reason, count = reasons.most_common(1)[0]
+        line += f"; most failed trials: {one_line(reason)} ({count} of {states['FAIL']})"
+    return line + "; nothing to promote"
 
 
 def end_trial_run_killed(run_id: str) -> None:
