@@ -171,6 +171,8 @@ def log_result(result: Result, with_model: bool = True) -> None:
     }
     if result.holdout_accuracy is not None:
         metrics["holdout_accuracy"] = result.holdout_accuracy
+    if result.best_epoch < 0:  # no validation images (a refit): no best epoch either
+        del metrics["best_epoch"]
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
     mlflow.set_tag("precision", result.precision)
 
