@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -18,22 +19,23 @@ from pathlib import Path
 STALE_TEMPORARY_SECONDS = 60
 
 
-def _writer_is_gone(name: str, prefix: str) -> bool:
-    """Whether the temporary file `name` (prefix + host-pid.random.tmp) was left by a
-    process of this host that no longer runs."""
-    import socket
-
-    writer = name[len(prefix):].removesuffix(".tmp").rpartition(".")[0]  # mkstemp's part has no dot
-    host, _, pid = writer.rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+def process_is_gone(pid: int) -> bool:
+    """Whether no process of this machine has the id `pid` (one we may not signal is alive)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
     return False
+
+
+def _writer_is_gone(name: str, prefix: str) -> bool:
+    """Whether the temporary file `name` (prefix + host-pid.random.tmp) was left by a
+    process of this host that no longer runs."""
+    writer = name[len(prefix):].removesuffix(".tmp").rpartition(".")[0]  # mkstemp's part has no dot
+    host, _, pid = writer.rpartition("-")
+    return host == socket.gethostname() and pid.isdigit() and process_is_gone(int(pid))
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644,
@@ -43,8 +45,6 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644,
     that killed writers left beside `path` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import socket
-
     prefix = f".{path.name}."
     for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         with contextlib.suppress(OSError):

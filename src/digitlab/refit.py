@@ -72,13 +72,18 @@ def refit_config(run: Run):
     })
 
 
-def existing(client: MlflowClient, run: Run, digest: str) -> Run | None:
-    """A finished refit of `run` on the same data, if one exists."""
-    found = client.search_runs(
+def _refits(client: MlflowClient, run: Run, condition: str) -> list[Run]:
+    """Refit runs nested under trial `run` that meet `condition` (a search filter), newest first."""
+    return client.search_runs(
         [run.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`digitlab.kind` = "
-                      f"'{KIND}' and tags.data_digest = '{digest}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+                      f"'{KIND}' and {condition}",
+        order_by=["attributes.start_time DESC"])
+
+
+def existing(client: MlflowClient, run: Run, digest: str) -> Run | None:
+    """A finished refit of `run` on the same data, if one exists."""
+    found = _refits(client, run, f"tags.data_digest = '{digest}' and attributes.status = 'FINISHED'")
     return found[0] if found else None
 
 
@@ -87,10 +92,7 @@ def end_abandoned(client: MlflowClient, run: Run) -> None:
     end KILLED, so the runs table shows no refit as still going."""
     from digitlab.search.coordination import owner_is_gone
 
-    for stale in client.search_runs(
-            [run.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`digitlab.kind` = "
-                          f"'{KIND}' and attributes.status = 'RUNNING'"):
+    for stale in _refits(client, run, "attributes.status = 'RUNNING'"):
         if owner_is_gone(stale.data.tags.get("worker", "")):
             client.set_tag(stale.info.run_id, "error", "interrupted: the process running this refit died")
             client.set_terminated(stale.info.run_id, "KILLED")

@@ -40,15 +40,7 @@ def owner_is_gone(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != worker_host():
         return False
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid.isdigit() or osutil.process_is_gone(int(pid))
 
 
 def is_rdb(url: str) -> bool:

@@ -42,7 +42,7 @@ class Plan:
 
     def line(self, minutes: float | None) -> str:
         """The one line a search prints before its first trial."""
-        trial = _duration(self.trial_seconds)
+        trial = duration(self.trial_seconds)
         head = (f"plan: one full trial ({self.epochs} epochs of {self.epoch_images:,} images"
                 + (f", x{self.runs_per_trial} folds" if self.runs_per_trial > 1 else "")
                 + f", from {self.train_images:,} training images) takes about {trial} here")
@@ -53,7 +53,7 @@ class Plan:
         rungs = int(budget // max(self.rung_seconds, 1e-9))
         line = (f"{head}; {minutes:g} min fit about {full} full trial{'' if full == 1 else 's'} "
                 f"or {rungs} first-rung ones ({self.first_rung} epoch{'' if self.first_rung == 1 else 's'}, "
-                f"{_duration(self.rung_seconds)} each)")
+                f"{duration(self.rung_seconds)} each)")
         if full < 1:
             # No trial starts after the budget, but one that started runs to its end.
             needed = math.ceil(self.trial_seconds / 60)
@@ -72,7 +72,7 @@ class Plan:
         return left
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 

@@ -84,7 +84,7 @@ class Progress:
         self.bar.n = min(position, self.bar.total)
         left = self.plan.seconds_left(position - self.initial, self.bar.total - self.initial,
                                       time.time() - self.started, self.minutes)
-        postfix = {"left": f"~{plan_mod._duration(left)}"}
+        postfix = {"left": f"~{plan_mod.duration(left)}"}
         if best:
             postfix.update({f"best {self.metric}": f"{best[0]:.4f}", "trial": best[1]})
         self.bar.set_postfix(postfix, refresh=False)
