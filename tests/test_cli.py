@@ -54,6 +54,8 @@ def test_train_from_a_folder_without_config_folders_is_quiet(workdir, tiny_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not LIBRARY_NOISE.search(proc.stderr), proc.stderr[-3000:]
     assert "basic_cnn: best val_accuracy" in proc.stdout
+    assert "browse it with: digitlab ui, then http://127.0.0.1:5000/#/experiments/" in proc.stdout
+    assert "mlflow ui" not in proc.stdout
     assert (workdir / "mlflow.db").is_file()
 
 
@@ -87,6 +89,31 @@ def test_help_says_what_each_command_does_and_shows_defaults(workdir):
     assert "No logic lives here" not in top and "Digit Recognizer" in top
     search = " ".join(digitlab(workdir, "search", "--help").stdout.split())
     assert "(default: search/default.yaml)" in search and "-v, --verbose" in search
+    assert "--engine {optuna,kerastuner}" in search  # choices where there are choices
+
+
+def test_help_states_each_default_once():
+    """No option's help says its default twice ("(0: the file's) (default: 0)") or shows a
+    default that means nothing ("(default: None)", "(default: False)")."""
+    import argparse
+
+    from digitlab.cli_parser import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        text = " ".join(command.format_help().split())
+        for option in (a for a in command._actions if a.option_strings):
+            help_text = command._get_formatter()._expand_help(option) if option.help else ""
+            appended = help_text.count("(default: ")
+            own = len(re.findall(r"\(0:|\(empty:|\bdefault\b",
+                                 re.sub(r"\(default: [^)]*\)", "", help_text)))
+            assert appended <= 1 and not (appended and own), \
+                f"digitlab {name} {option.option_strings[-1]}: {help_text!r}"
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+    bad = subprocess.run([str(DIGITLAB), "search", "--engine", "sklearn"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'sklearn'" in bad.stderr
 
 
 def test_the_wheel_ships_the_config_folders(tmp_path):

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.subprocess
 
 def mlflow_run(workdir: Path, entry: str, *params: str, experiment: str | None = "digit-recognizer",
                env_manager: str = "local", project: str = ".") -> subprocess.CompletedProcess:
-    for name in ("MLproject", "python_env.yaml", "conda.yaml"):
+    for name in ("MLproject", "conda.yaml"):
         shutil.copy(REPO / name, workdir / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           # MLflow reuses an environment whose python_env.yaml it has seen before, whatever
+           # MLflow reuses an environment whose conda.yaml it has seen before, whatever
            # the project's code is now: each test builds its own from this checkout.
            "MLFLOW_ENV_ROOT": str(workdir / "mlflow-envs")}
     args = [str(Path(sys.executable).parent / "mlflow"), "run", project, "-e", entry,
@@ -46,21 +46,36 @@ def test_main_entry_point(workdir, tiny_dir):
     assert "best_val_accuracy" in run.data.metrics
 
 
-@pytest.mark.slow
-def test_search_then_promote_without_naming_an_experiment(workdir, tiny_dir):
-    """Plain `mlflow run . -e search` logs into MLflow's Default experiment; promote follows it."""
-    (workdir / "space.yaml").write_text(TINY_SPACE)
+def test_the_readme_loop_lands_in_digit_recognizer_without_naming_an_experiment(workdir, tiny_dir):
+    """`mlflow run . -e search -P space=quick ...`, then promote with -P flags, then submit,
+    as the README gives them: no --experiment-name, no MLFLOW_EXPERIMENT_NAME."""
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
     data = f"data_dir={tiny_dir}"
-    proc = mlflow_run(workdir, "search", "space=space.yaml", data, experiment=None)
+    proc = mlflow_run(workdir, "search", "space=quick", "trials=2", "max_epochs=1", data,
+                      experiment=None)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shutil.copytree(REPO / "registry", workdir / "registry")
-    proc = mlflow_run(workdir, "promote", data, experiment=None)
+    proc = mlflow_run(workdir, "promote", "tta=true", "force=true", data, experiment=None)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = mlflow_run(workdir, "submit", data, experiment=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((workdir / "submissions" / "submission.csv").read_text().splitlines()) == 51
+
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    (search,) = mlflow.search_runs(experiment_names=["Default"], output_format="list",
+    (search,) = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list",
                                    filter_string="tags.search_study LIKE '%'")
+    assert search.data.tags["search_study"] == "quick-optuna"
+    assert search.data.params["budget.trials"] == "2"
     version = MlflowClient().get_model_version_by_alias("digit-recognizer", "production")
     assert version.tags["search_run_id"] == search.info.run_id
+    assert version.tags["tta"] == "true"
+    submit = MlflowClient().get_run(version.tags["last_submission_run_id"])
+    assert submit.info.experiment_id == search.info.experiment_id
+    assert submit.data.tags["mlflow.parentRunId"] == version.run_id  # not a top-level row
+    # MLflow's own runs stay in Default (it cannot move them), empty, saying where we logged
+    launched = mlflow.search_runs(experiment_names=["Default"], output_format="list")
+    assert len(launched) == 3
+    assert {r.data.tags["digitlab.logged_in"] for r in launched} == {"digit-recognizer"}
+    assert all(not r.data.metrics for r in launched)
 
 
 def test_values_with_dollar_space_and_quote_arrive_intact(workdir, tiny_dir):
@@ -81,8 +96,8 @@ def test_values_with_dollar_space_and_quote_arrive_intact(workdir, tiny_dir):
 
 @pytest.mark.slow
 def test_search_entry_point_in_a_uv_environment(workdir, tiny_dir):
-    """`--env-manager uv` builds python_env.yaml's environment (the project and its
-    dependencies) and runs the entry point in it."""
+    """`--env-manager uv` builds an environment from conda.yaml's Python version and pip
+    section (the project and its dependencies) and runs the entry point in it."""
     (workdir / "space.yaml").write_text(TINY_SPACE)
     proc = mlflow_run(workdir, "search", f"space={workdir / 'space.yaml'}", f"data_dir={tiny_dir}",
                       "trials=1", "max_epochs=1", f"storage={workdir / 'optuna.journal'}",

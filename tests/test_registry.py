@@ -161,6 +161,9 @@ def test_promote_registers_the_best_trial_and_submit_uses_it(store, tiny_dir, ca
     submit_run_id = MlflowClient().get_model_version("digit-recognizer", "1").tags["last_submission_run_id"]
     submit_run = MlflowClient().get_run(submit_run_id)
     assert submit_run.data.tags["model_version"] == "1"
+    # nested under the version's serving run, not a top-level row beside the search
+    version_run_id = MlflowClient().get_model_version("digit-recognizer", "1").run_id
+    assert submit_run.data.tags["mlflow.parentRunId"] == version_run_id
     assert submit_run.data.metrics["holdout_accuracy"] == pytest.approx(accuracy)
     assert mlflow.artifacts.load_text(f"runs:/{submit_run_id}/submission.csv") == path.read_text()
 

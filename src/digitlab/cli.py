@@ -34,8 +34,14 @@ def _experiment_config(name: str, args):
     return config.apply_overrides(cfg, options) if options else cfg
 
 
-def _browse(uri: str) -> str:
-    return f"browse it with: mlflow ui --backend-store-uri {uri}"
+def _browse(uri: str, run_id: str) -> str:
+    from digitlab import store
+
+    experiment = store.experiment_id()
+    if uri.startswith(("http://", "https://")):
+        return f"browse it at {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return (f"browse it with: digitlab ui, then "
+            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
 
 
 def cmd_data(args) -> int:
@@ -63,7 +69,7 @@ def cmd_train(args) -> int:
     line = f"{cfg.name}: best val_accuracy {result.best_val_accuracy:.4f}"
     if result.holdout_accuracy is not None:
         line += f", holdout_accuracy {result.holdout_accuracy:.4f}"
-    print(f"{line}\nMLflow run {run_id} in {uri}\n{_browse(uri)}")
+    print(f"{line}\nMLflow run {run_id} in {uri}\n{_browse(uri, run_id)}")
     return 0
 
 

@@ -13,8 +13,16 @@ EPILOG = ("experiments/, search/ and registry/ are read from the working directo
           "directory (mlflow.db, mlruns/, optuna.journal, submissions/).")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already says what its
+    default means (`(0: ...)`, `(empty: ...)`, `default`) or there is none to show."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if (action.default in (None, False, "", argparse.SUPPRESS) or action.option_strings == []
+                or "default" in help or "(0:" in help or "(empty:" in help):
+            return help
+        return f"{help} (default: %(default)s)" if help else "default: %(default)s"
 
 
 def _boolean(text: str) -> bool:
@@ -23,6 +31,23 @@ def _boolean(text: str) -> bool:
     if value not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value in ("true", "1", "yes")
+
+
+def _flag(p, name: str, help: str) -> None:
+    """An on/off option: `--name` alone, or `--name true|false` as `mlflow run -P name=...`
+    passes it."""
+    p.add_argument(name, type=_boolean, nargs="?", const=True, default=False, metavar="BOOL",
+                   help=help)
+
+
+def _optional_float(text: str) -> float | None:
+    """A number, or empty for "not given" (an MLproject parameter's empty default)."""
+    if not text.strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_dir(p):
         p.add_argument("--data-dir", default="data/digit-recognizer",
                        help="Kaggle-layout (train.csv, test.csv, optional solution.csv) or MNIST "
-                            "IDX directory; the default is created from the embedded MNIST subset")
+                            "IDX directory (default: data/digit-recognizer, created from the "
+                            "embedded MNIST subset)")
 
     def training_options(p):
         p.add_argument("--epochs", type=int, default=0, help="epochs to train (0: the experiment's own)")
@@ -67,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("search", "run (or resume) a hyperparameter search; every trial is an MLflow run")
     p.add_argument("--space", default="search/default.yaml",
                    help="search file: a name (quick) or a path")
-    p.add_argument("--engine", default="optuna", help="optuna or kerastuner")
+    p.add_argument("--engine", default="optuna", choices=["optuna", "kerastuner"],
+                   help="search engine")
     p.add_argument("--trials", type=int, default=0, help="trial budget in total (0: the file's)")
     p.add_argument("--max-epochs", type=int, default=0, help="epochs per trial at most (0: the file's)")
     p.add_argument("--minutes", type=float, default=0,
@@ -89,15 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-run", default="", help="search parent run id (empty: the latest search)")
     p.add_argument("--run", default="", help="promote this training or trial run instead")
     p.add_argument("--ensemble", type=int, default=1, help="average the top K trials of the search")
-    p.add_argument("--tta", action="store_true", help="average predictions over one-pixel shifts")
-    p.add_argument("--min-delta", type=float, default=None,
-                   help="required improvement over production (default: registry/policy.yaml)")
-    p.add_argument("--force", action="store_true", help="move the aliases even if the gate says no")
-    p.add_argument("--rollback", action="store_true", help="swap production and previous back")
-    p.add_argument("--refit", type=_boolean, nargs="?", const=True, default=False, metavar="BOOL",
-                   help="first train each chosen trial again on every labelled image (training "
+    _flag(p, "--tta", "average predictions over one-pixel shifts")
+    p.add_argument("--min-delta", type=_optional_float, default=None, metavar="X",
+                   help="required improvement over production (empty or left out: "
+                        "registry/policy.yaml's min_delta)")
+    _flag(p, "--force", "move the aliases even if the gate says no")
+    _flag(p, "--rollback", "swap production and previous back")
+    _flag(p, "--refit", "first train each chosen trial again on every labelled image (training "
                         "and validation), for as many epochs as it trained, as a run nested "
-                        "under the trial; `--refit false` is the same as leaving it out")
+                        "under the trial")
     data_dir(p)
 
     p = command("submit", "write a Kaggle submission CSV from the production model")
@@ -105,25 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to predict with (empty: models:/digit-recognizer@production)")
     p.add_argument("--output", default="", help="CSV to write (empty: registry/policy.yaml's, "
                                                 "submissions/submission.csv)")
-    p.add_argument("--kaggle-submit", action="store_true", help="upload with the kaggle command")
+    _flag(p, "--kaggle-submit", "upload with the kaggle command")
     data_dir(p)
 
     p = command("server", "start a shared MLflow tracking server (PostgreSQL or SQLite backend)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback requires authentication")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port to listen on")
     p.add_argument("--backend-store-uri", default="sqlite:///mlflow.db",
                    help="e.g. postgresql://user@db-host/mlflow")
     p.add_argument("--artifacts-destination", default="mlartifacts",
                    help="where the server stores artifacts: a shared directory or s3://bucket/path")
-    p.add_argument("--auth", action="store_true", help="basic auth even on loopback")
+    _flag(p, "--auth", "basic auth even on loopback")
     p.add_argument("--auth-db-uri", default="", help="user database (empty: SQLite beside the server)")
     p.add_argument("--workers", type=int, default=0, help="server worker processes (0: MLflow's)")
     p.add_argument("--allowed-hosts", default="", help="host names clients use to reach the server")
 
     p = command("ui", "start the MLflow UI on this folder's store and print the experiment's URL")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on")
 
     p = command("score", "score a submission against a solution file, as Kaggle does")
     p.add_argument("submission", help="ImageId,Label CSV")

@@ -2,7 +2,7 @@
 
 `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlflow.db` in the working directory (never a
 ./mlruns file store); the experiment `digit-recognizer` unless MLflow's own variables or
-`mlflow run` choose another.
+`mlflow run --experiment-name` choose another.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from digitlab.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "digit-recognizer"
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's own "Default" experiment
+LOGGED_IN_TAG = "digitlab.logged_in"  # on an `mlflow run` run left in Default: where we logged
 
 
 def configure() -> str:
@@ -26,7 +28,8 @@ def configure() -> str:
     `mlflow run` created the experiment.
 
     Under `mlflow run` (MLFLOW_RUN_ID set) the run and its experiment are already
-    chosen, and we log into them. Otherwise MLflow's own order: the experiment named
+    chosen, and we log into them, unless MLflow chose its Default experiment for want of
+    a name: then `digit-recognizer`, as without `mlflow run`. Otherwise MLflow's own order: the experiment named
     in MLFLOW_EXPERIMENT_NAME, else the one whose id is in MLFLOW_EXPERIMENT_ID, else
     `digit-recognizer`.
     """
@@ -34,9 +37,11 @@ def configure() -> str:
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         check_server(uri)
-    if os.environ.get("MLFLOW_RUN_ID"):
-        mark_model_training(experiment_id())
-        return uri
+    if launched := os.environ.get("MLFLOW_RUN_ID"):
+        if not _launched_in_default(launched):
+            mark_model_training(experiment_id())
+            return uri
+        _leave_default(launched)
     if chosen_id := _chosen_experiment_id():
         try:
             mlflow.set_experiment(experiment_id=chosen_id)
@@ -55,6 +60,27 @@ def configure() -> str:
             mlflow.set_experiment(name)  # a parallel process created it first
     mark_model_training(experiment_id())
     return uri
+
+
+def _launched_in_default(run_id: str) -> bool:
+    """`mlflow run` without --experiment-name or MLFLOW_EXPERIMENT_NAME puts its run in
+    MLflow's Default experiment (id 0), which nobody chose."""
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return False
+    return mlflow.MlflowClient().get_run(run_id).info.experiment_id == DEFAULT_EXPERIMENT_ID
+
+
+def _leave_default(run_id: str) -> None:
+    """Log into `digit-recognizer` instead, where `digitlab ui` and promote look, and say so
+    in the `mlflow run` run, which stays in Default: MLflow cannot move a run, and it ends
+    that run itself when the command exits."""
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(name, None)
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, LOGGED_IN_TAG, DEFAULT_EXPERIMENT)
+    client.set_tag(run_id, "mlflow.note.content",
+                   f"digitlab logged this command's runs in the experiment {DEFAULT_EXPERIMENT!r}: "
+                   "`mlflow run --experiment-name NAME` chooses another.")
 
 
 # The MLflow 3 UI opens an experiment as a GenAI one (traces, evaluation runs) unless its

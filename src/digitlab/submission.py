@@ -133,6 +133,16 @@ def resolve_version(model_uri: str):
     return client.get_model_version(name, number)
 
 
+def _version_run(version):
+    """The run a registered version was logged from, if this store still has it."""
+    if version is None or not version.run_id:
+        return None
+    try:
+        return MlflowClient().get_run(version.run_id)
+    except mlflow.exceptions.MlflowException:  # deleted, or the version came from elsewhere
+        return None
+
+
 def submit(model_uri: str | None = None, data_dir: str | None = None, output: str | None = None,
            kaggle_submit: bool = False) -> dict:
     from tqdm import tqdm
@@ -157,7 +167,12 @@ def submit(model_uri: str | None = None, data_dir: str | None = None, output: st
     if version:
         tags.update(model_name=version.name, model_version=version.version,
                     model_run_id=version.run_id or "")
-    with tracking.open_run(f"submit-v{version.version}" if version else "submit", tags=tags) as run:
+    # Nested under the version's serving run, where the registry links to: the runs table
+    # keeps the searches at its top level however many submissions there are.
+    parent = _version_run(version)
+    with tracking.open_run(f"submit-v{version.version}" if version else "submit", tags=tags,
+                           parent_run_id=parent.info.run_id if parent else None,
+                           experiment_id=parent.info.experiment_id if parent else None) as run:
         mlflow.log_artifact(str(output_path))
         mlflow.log_metric("rows", len(predicted))
         if dataset.test_labels is not None:

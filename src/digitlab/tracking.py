@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import mlflow
 import pandas as pd
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from digitlab import plots
 from digitlab.config import ExperimentConfig
@@ -53,6 +54,13 @@ def open_run(name: str | None = None, nested: bool = False, tags: dict | None = 
     if threading.current_thread() is threading.main_thread():
         restore = signal.signal(signal.SIGTERM, _raise_terminated)
     tags = {k: str(v) for k, v in (tags or {}).items()}  # a tracking server takes strings only
+    if parent_run_id and (launched := os.environ.get("MLFLOW_RUN_ID")):
+        # `mlflow run`'s run is resumed, not created, and start_run ignores parent_run_id
+        # then: nest it by the tag that parent_run_id would have set (same experiment only).
+        client = mlflow.MlflowClient()
+        if client.get_run(launched).info.experiment_id == client.get_run(parent_run_id).info.experiment_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        parent_run_id = None
     active = mlflow.start_run(run_name=name, nested=nested, tags=tags, parent_run_id=parent_run_id,
                               experiment_id=experiment_id, log_system_metrics=system_metrics)
     handle = RunHandle(active.info.run_id)
