@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -426,6 +427,9 @@ def test_mlflow_models_serve_answers_raw_pixel_rows(store, tiny_dir):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+    # the server's own request lines, and no library line from loading the model
+    told = server.stdout.read()
+    assert not re.search(r"Warning|\x1b\[|^[IWEF]\d{4} |absl|oneDNN|cuda", told, re.M), told
     expected = mlflow.pyfunc.load_model("models:/digit-recognizer@production").predict(rows)["label"].tolist()
     assert all(0 <= label <= 9 for label in expected)
     for status, answer in (named, bare):
