@@ -22,21 +22,21 @@ from digitlab.errors import ConfigError
 class ConvBlock:
     """Convolutions of equal kernel size, then pooling, then the model's conv dropout."""
 
-    filters: list[int]
-    kernel_size: int = 3
+    filters: list[int]  # one 2D convolution per entry, its number of filters
+    kernel_size: int = 3  # square kernel side, in pixels
     pool: str = "max"  # max | avg | none
 
 
 @dataclass
 class ModelConfig:
-    blocks: list[ConvBlock] = field(default_factory=list)
+    blocks: list[ConvBlock] = field(default_factory=list)  # the conv stack; empty: a dense net
     input_padding: int = 0  # zero pixels added on each side (LeNet-5 works on 32x32)
     padding: str = "valid"  # conv padding: valid | same
-    activation: str = "relu"
-    batch_norm: bool = False
+    activation: str = "relu"  # of every conv and hidden dense layer (a Keras activation name)
+    batch_norm: bool = False  # batch normalisation after every conv and hidden dense layer
     width: float = 1.0  # multiplies every conv filter count: the search's conv-width knob
     conv_dropout: float = 0.0  # after every conv block
-    dense_units: list[int] = field(default_factory=lambda: [128])
+    dense_units: list[int] = field(default_factory=lambda: [128])  # hidden dense layers
     dropout: float = 0.5  # after every hidden dense layer
     l2: float = 0.0  # kernel regularisation of conv and dense layers
 
@@ -44,30 +44,30 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adam"  # adam | rmsprop | sgd
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # the initial rate (see training.lr_decay, reduce_lr)
     momentum: float = 0.0  # sgd only
 
 
 @dataclass
 class EarlyStopping:
-    enabled: bool = False
-    monitor: str = "val_loss"
-    patience: int = 5
+    enabled: bool = False  # stop when `monitor` has not improved for `patience` epochs
+    monitor: str = "val_loss"  # a per-epoch metric, e.g. val_loss, val_accuracy
+    patience: int = 5  # epochs without improvement before stopping
 
 
 @dataclass
 class ReduceLROnPlateau:
-    enabled: bool = False
-    monitor: str = "val_accuracy"
-    factor: float = 0.5
-    patience: int = 3
-    min_lr: float = 1e-5
+    enabled: bool = False  # multiply the rate by `factor` when `monitor` stalls
+    monitor: str = "val_accuracy"  # a per-epoch metric, e.g. val_accuracy, val_loss
+    factor: float = 0.5  # multiplier of the learning rate on a plateau
+    patience: int = 3  # epochs without improvement before reducing
+    min_lr: float = 1e-5  # the rate never goes below this
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = 10  # epochs to train (a search sets budget.max_epochs)
+    batch_size: int = 64  # images per update
     # Images per epoch (rounded up to whole batches), drawn from shuffled passes over the
     # training images, so that N epochs are the same number of updates at any data size;
     # 0: an epoch is one pass. Decay, patience, averaging and pruning rungs count these.
@@ -75,8 +75,8 @@ class TrainingConfig:
     # The first subset_epochs epochs draw from subset_images training images only, chosen
     # per digit by the split seed (a search's cheap first rungs); 0: all of them throughout.
     subset_images: int = 0
-    subset_epochs: int = 0
-    validation_fraction: float = 0.1
+    subset_epochs: int = 0  # how many first epochs draw from the subset (needs epoch_images)
+    validation_fraction: float = 0.1  # share of the labelled images held out, per digit
     # seed of the train/validation split; null: the run's seed (a search fixes it, so that
     # trials with their own seeds are still scored on the same images)
     split_seed: int | None = None
@@ -89,26 +89,26 @@ class TrainingConfig:
     # end on the mean of the weights of the last N epochs trained (stochastic weight
     # averaging over the annealed rate's last epochs); 0 or 1: the last epoch's weights
     average_last_epochs: int = 0
-    mixed_precision: bool = False
+    mixed_precision: bool = False  # bfloat16 compute where the CPU has it, float16 on a GPU
 
 
 @dataclass
 class AugmentationConfig:
-    enabled: bool = False
+    enabled: bool = False  # random rotation, zoom and shift of every training image
     rotation: float = 10.0  # degrees
     zoom: float = 0.1  # fraction
     shift: float = 0.1  # fraction of the image size
     # elastic distortion: strength alpha and smoothness sigma, both in pixels (0 = off);
     # Simard et al. used alpha 34, sigma 4 on MNIST
     elastic: float = 0.0
-    elastic_sigma: float = 4.0
+    elastic_sigma: float = 4.0  # smoothness sigma of the elastic distortion, in pixels
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "experiment"
-    description: str = ""
-    seed: int = 42
+    name: str = "experiment"  # the file name without .yaml; the MLflow run name
+    description: str = ""  # one line, shown as the run's description
+    seed: int = 42  # initial weights, batch order and augmentation (and the split by default)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
