@@ -98,7 +98,7 @@ class AugmentationConfig:
     rotation: float = 10.0  # degrees
     zoom: float = 0.1  # fraction
     shift: float = 0.1  # fraction of the image size
-    # elastic distortion: strength alpha and smoothness sigma, both in pixels (0 = off);
+    # elastic distortion: its strength alpha, in pixels (0 = off; smoothness: elastic_sigma);
     # Simard et al. used alpha 34, sigma 4 on MNIST
     elastic: float = 0.0
     elastic_sigma: float = 4.0  # smoothness sigma of the elastic distortion, in pixels
