@@ -1,5 +1,6 @@
 """The `digitlab` command as a user runs it: a subprocess, from a folder of their own."""
 
+import os
 import re
 import subprocess
 import sys
@@ -19,8 +20,13 @@ LIBRARY_NOISE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before abs
 
 
 def digitlab(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    # as a user's shell runs it: without the quiet settings that an in-process cli.main of
+    # an earlier test put in this process's environment
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_LOGGING_LEVEL", "TF_CPP_MIN_LOG_LEVEL", "DIGITLAB_VERBOSE",
+                        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "GRPC_VERBOSITY")}
     return subprocess.run([str(DIGITLAB), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 @pytest.fixture

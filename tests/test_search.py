@@ -400,8 +400,10 @@ def test_mlflow_run_search_entry_point(space_file, tiny_dir, workdir):
 
 
 def test_bad_engine_and_workers_are_errors(space_file, tiny_dir, capsys):
-    assert cli.main(search_args(space_file, tiny_dir, "--engine", "grid")) == 2
-    assert "--engine must be one of optuna, kerastuner" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's choices: before anything runs
+        cli.main(search_args(space_file, tiny_dir, "--engine", "grid"))
+    assert refused.value.code == 2
+    assert "argument --engine: invalid choice: 'grid'" in capsys.readouterr().err
     assert cli.main(search_args(space_file, tiny_dir, "--engine", "kerastuner", "--workers", "2")) == 2
     assert not Path("optuna.journal").exists() and not Path("mlflow.db").exists()
 

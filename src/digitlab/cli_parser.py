@@ -40,6 +40,19 @@ def _flag(p, name: str, help: str) -> None:
                    help=help)
 
 
+def _ensemble(text: str) -> int | str:
+    """A positive number of trials, or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of trials or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 trial, got {value}")
+    return value
+
+
 def _optional_float(text: str) -> float | None:
     """A number, or empty for "not given" (an MLproject parameter's empty default)."""
     if not text.strip():
@@ -115,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("promote", "register the best model of a search and move the production alias")
     p.add_argument("--search-run", default="", help="search parent run id (empty: the latest search)")
     p.add_argument("--run", default="", help="promote this training or trial run instead")
-    p.add_argument("--ensemble", type=int, default=1, help="average the top K trials of the search")
+    p.add_argument("--ensemble", type=_ensemble, default=1, metavar="K|auto",
+                   help="average the top K trials of the search, or `auto`: the trials (and "
+                        "weights) that greedy selection picks from every trial's held-out "
+                        "predictions")
     _flag(p, "--tta", "average predictions over one-pixel shifts")
     p.add_argument("--min-delta", type=_optional_float, default=None, metavar="X",
                    help="required improvement over production (empty or left out: "

@@ -53,6 +53,9 @@ class Split:
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
+    # each validation image's row in the labelled data (train.csv order), so that the
+    # held-out predictions of different runs can be lined up; None: not known
+    val_rows: np.ndarray | None = None
 
 
 def to_images(pixels: np.ndarray) -> np.ndarray:
@@ -289,6 +292,7 @@ def split(data: DigitData, fraction: float, seed: int) -> Split:
         train_labels=data.train_labels[train_idx],
         val_images=data.train_images[val_idx],
         val_labels=data.train_labels[val_idx],
+        val_rows=val_idx,
     )
 
 

@@ -53,7 +53,8 @@ def fold_split(data: DigitData, fold: np.ndarray, i: int, seed: int) -> Split:
     val_idx = np.flatnonzero(fold == i)
     train_idx = np.random.default_rng([seed, i]).permutation(np.flatnonzero(fold != i))
     return Split(train_images=data.train_images[train_idx], train_labels=data.train_labels[train_idx],
-                 val_images=data.train_images[val_idx], val_labels=data.train_labels[val_idx])
+                 val_images=data.train_images[val_idx], val_labels=data.train_labels[val_idx],
+                 val_rows=val_idx)
 
 
 def check(data: DigitData, k: int) -> None:
@@ -93,7 +94,8 @@ def combine(results: list, data: DigitData, fold: np.ndarray):
     if results[0].holdout_probabilities is not None:
         holdout = np.mean([r.holdout_probabilities for r in results], axis=0).astype(np.float32)
         holdout_accuracy = float(np.mean(holdout.argmax(1) == data.test_labels))
-    everything = Split(data.train_images, data.train_labels, data.train_images, data.train_labels)
+    everything = Split(data.train_images, data.train_labels, data.train_images, data.train_labels,
+                       val_rows=np.arange(len(data.train_labels)))
     return train.Result(
         config=results[0].config, model=results[0].model, split=everything,
         history=mean_history([r.history for r in results]), val_probabilities=oof,
@@ -138,7 +140,7 @@ class FoldTrainer:
             # The fold's training images are a copy of (K-1)/K of the data: let them go
             # before the next fold (the held-out ones stay for the figures and signature).
             result.split = Split(split.train_images[:0], split.train_labels[:0],
-                                 split.val_images, split.val_labels)
+                                 split.val_images, split.val_labels, split.val_rows)
             self.results.append(result)
             if any(getattr(c, "pruned_at", None) is not None for c in callbacks):
                 break
@@ -176,7 +178,8 @@ def _prefixed(on_epoch, prefix: str):
     return lambda epoch, metrics: on_epoch(epoch, {prefix + k: v for k, v in metrics.items()})
 
 
-def oof_probabilities(groups: list[list], data: DigitData, k: int, seed: int, tta: bool) -> np.ndarray:
+def oof_probabilities(groups: list[list], data: DigitData, k: int, seed: int, tta: bool,
+                      weights: list[float] | None = None) -> np.ndarray:
     """Out-of-fold class probabilities of an ensemble of K-fold trials, as served.
 
     `groups[m][i]` is member m's model of fold i. Every training image is predicted by the
@@ -191,5 +194,6 @@ def oof_probabilities(groups: list[list], data: DigitData, k: int, seed: int, tt
     for i in range(k):
         classifier = serving.DigitClassifier()
         classifier.models, classifier.tta = [group[i] for group in groups], tta
+        classifier.weights = weights  # one per member
         out[fold == i] = classifier.probabilities(data.train_images[fold == i])
     return out

@@ -7,7 +7,8 @@ pandas, and holds the rescaling and reshaping, so every consumer gets the same
 answer from the same 784 integer columns `pixel0..pixel783`.
 
 One or more Keras models (native `.keras` files, artifacts `member_0`, ...) are
-averaged; with `tta` the probabilities are also averaged over one-pixel shifts.
+averaged, with the model config's `weights` if it has them; with `tta` the probabilities
+are also averaged over one-pixel shifts.
 """
 
 from __future__ import annotations
@@ -75,23 +76,32 @@ def _quiet_backend():
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
+    tta: bool = False
+    weights: list[float] | None = None  # one per model; None: equal
+
     def load_context(self, context):
-        members = sorted(k for k in context.artifacts if k.startswith("member_"))
+        members = sorted((k for k in context.artifacts if k.startswith("member_")),
+                         key=lambda k: int(k.removeprefix("member_")))
         with _quiet_backend():
             import keras
 
             self.models = [keras.saving.load_model(context.artifacts[k], compile=False)
                            for k in members]
-        self.tta = bool((context.model_config or {}).get("tta", False))
+        model_config = context.model_config or {}
+        self.tta = bool(model_config.get("tta", False))
+        # one per member_i (an ensemble chosen by greedy selection); absent: equal
+        self.weights = model_config.get("weights")
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         shifts = TTA_SHIFTS if self.tta else [(0, 0)]
+        weights = self.weights or [1.0] * len(self.models)
         total = np.zeros((len(images), 10), dtype=np.float64)
-        for model in self.models:
+        for model, weight in zip(self.models, weights, strict=True):
             for dy, dx in shifts:
                 batch = images if (dy, dx) == (0, 0) else shifted(images, dy, dx)
-                total += np.asarray(model.predict(batch, batch_size=1024, verbose=0), dtype=np.float64)
-        return (total / (len(self.models) * len(shifts))).astype(np.float32)
+                total += weight * np.asarray(model.predict(batch, batch_size=1024, verbose=0),
+                                             dtype=np.float64)
+        return (total / (sum(weights) * len(shifts))).astype(np.float32)
 
     # The input is validated here (columns, shape, range). A DataFrame type hint is one that
     # MLflow takes without inferring a schema from it: it converts nothing and validates

@@ -1,7 +1,7 @@
 """The model registry: select the best trial(s) of a search, package and evaluate them
 through the serving path, register a version, load-check it, gate it, move the aliases.
 
-- `selection`: which runs (the one ranking of a search's trials, used everywhere);
+- `selection`: which runs (the top trials by `search.ranking`, or one named run);
 - `packaging`: the serving model, its evaluation (shared with `digitlab submit`), the
   registered version and its load check;
 - `aliases`: the gate, `production` / `previous`, rollback.
@@ -12,6 +12,7 @@ The policy (model name, gate, aliases, inference batch) is read from
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import yaml
@@ -20,9 +21,12 @@ from mlflow import MlflowClient
 from digitlab import data as data_mod
 from digitlab.errors import UserError
 from digitlab.registry import aliases, packaging, selection
+from digitlab.registry import ensemble as ensemble_mod
 from digitlab.registry.aliases import comparable, rollback
 from digitlab.registry.packaging import keras_file, predict_labels, register, to_rows
-from digitlab.registry.selection import latest_search_run, ranked_trials
+from digitlab.search.ranking import latest_search_run, ranked_trials
+
+log = logging.getLogger("digitlab.registry")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Policy:
     load_check_rows: int = 5
     submission_path: str = "submissions/submission.csv"
     predict_batch_size: int = 4096  # rows per prediction batch (serving, submit)
+    auto_ensemble_max: int = 10  # `--ensemble auto` picks at most this many (with repeats)
 
 
 def policy() -> Policy:
@@ -51,7 +56,7 @@ def policy() -> Policy:
     return Policy(**raw)
 
 
-def promote(search_run_id: str | None = None, run_id: str | None = None, ensemble: int = 1,
+def promote(search_run_id: str | None = None, run_id: str | None = None, ensemble: int | str = 1,
             tta: bool = False, min_delta: float | None = None, force: bool = False,
             data_dir: str | None = None, refit: bool = False) -> tuple[bool, str, object]:
     """Select, (refit,) register, load-check, gate and move the aliases. With `refit`, each
@@ -64,14 +69,28 @@ def promote(search_run_id: str | None = None, run_id: str | None = None, ensembl
     dataset = data_mod.load(data_dir)
     client = MlflowClient()
     experiment_ids = [e] if (e := store.experiment_id()) else []
-    members, search_run = selection.select(client, experiment_ids, search_run_id, run_id, ensemble)
+    weights, chosen = None, ""
+    if ensemble == "auto":
+        if run_id:
+            raise UserError("--ensemble auto chooses among a search's trials: give --search-run, not --run")
+        _, search_run = selection.select(client, experiment_ids, search_run_id, None, 1)
+        choice = ensemble_mod.choose(client, ranked_trials(client, search_run), pol.auto_ensemble_max)
+        members, weights = choice.members, choice.weights
+        picks = ", ".join(f"trial {m.data.tags.get('trial_number', '?')} x{w:.2f}"
+                          for m, w in zip(members, weights, strict=True))
+        chosen = (f"members chosen by greedy selection (Caruana et al. 2004) on "
+                  f"{choice.images} held-out images: {picks}; held-out log loss "
+                  f"{choice.log_loss:.4f} (best single model {choice.best_single_log_loss:.4f})")
+        log.info("--ensemble auto: %s", chosen)
+    else:
+        members, search_run = selection.select(client, experiment_ids, search_run_id, run_id, ensemble)
     if refit:
         if done := [m.info.run_id for m in members if m.data.tags.get("refit_of")]:
             raise UserError(f"run {done[0]} is a refit already; promote it without --refit")
         packaging.check_data(members, dataset)
         configs = [refit_mod.refit_config(m) for m in members]
         members = [refit_mod.refit(m, dataset, c) for m, c in zip(members, configs, strict=True)]
-    version = packaging.register(members, search_run, tta, dataset, pol)
+    version = packaging.register(members, search_run, tta, dataset, pol, weights, chosen)
     packaging.load_check(pol.model_name, version.version, dataset, pol.load_check_rows)
     moved, message = aliases.gate_and_move(client.get_model_version(pol.model_name, version.version), pol,
                                    pol.min_delta if min_delta is None else min_delta, force)

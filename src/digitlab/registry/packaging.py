@@ -122,7 +122,7 @@ def source_val_accuracy(members: list[Run]) -> float:
 
 
 def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_mod.DigitData,
-             batch_size: int, tta: bool) -> dict:
+             batch_size: int, tta: bool, weights: list[float] | None = None) -> dict:
     """Validation accuracy on the members' own split, holdout accuracy when labels exist.
 
     K-fold members are scored out of fold: each training image by the fold models that held
@@ -137,7 +137,7 @@ def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_m
         import keras
 
         models = [[keras.saving.load_model(path, compile=False) for path in group] for group in groups]
-        oof = folds.oof_probabilities(models, dataset, k, seed, tta)
+        oof = folds.oof_probabilities(models, dataset, k, seed, tta, weights)
         metrics = {"val_accuracy": float(np.mean(oof.argmax(1) == dataset.train_labels))}
     else:
         run = members[0].data  # the split the members validated on, as their runs recorded it
@@ -155,8 +155,9 @@ def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_m
     return metrics
 
 
-def source_key(members: list[Run], tta: bool) -> str:
-    return ",".join(r.info.run_id for r in members) + f"|tta={int(tta)}"
+def source_key(members: list[Run], tta: bool, weights: list[float] | None = None) -> str:
+    key = ",".join(r.info.run_id for r in members) + f"|tta={int(tta)}"
+    return key + (f"|weights={','.join(f'{w:.6g}' for w in weights)}" if weights else "")
 
 
 def existing_version(client: MlflowClient, name: str, key: str):
@@ -176,14 +177,17 @@ def check_data(members: list[Run], dataset: data_mod.DigitData) -> None:
 
 
 def register(members: list[Run], search_run: Run | None, tta: bool, dataset: data_mod.DigitData,
-             pol):
-    """Log the serving model for the member runs and register it as a new version."""
+             pol, weights: list[float] | None = None, chosen: str = ""):
+    """Log the serving model for the member runs and register it as a new version.
+
+    `weights` (one per member, from `--ensemble auto`) weight the members' average, and
+    `chosen` says in the description how they were chosen; without them, equal weights."""
     from mlflow.models import infer_signature
 
     from digitlab import serving, tracking
 
     client = MlflowClient()
-    key = source_key(members, tta)
+    key = source_key(members, tta, weights)
     if version := existing_version(client, pol.model_name, key):
         log.info("these runs are already version %s of %s; not registering again", version.version,
                  pol.model_name)
@@ -194,8 +198,8 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
     with tempfile.TemporaryDirectory() as tmp:
         # Every model of every member is one artifact (serving.py averages member_*): a
         # K-fold trial brings its K fold models, an ensemble of N such trials N x K.
-        artifacts, groups = {}, []
-        for member in members:
+        artifacts, groups, model_weights = {}, [], []
+        for member, weight in zip(members, weights or [1.0] * len(members), strict=True):
             groups.append([])
             for source in keras_files(member):
                 target = Path(tmp) / f"member_{len(artifacts)}.keras"
@@ -203,6 +207,8 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                 check_member_loads(str(target), member.info.run_id)
                 artifacts[target.stem] = str(target)
                 groups[-1].append(str(target))
+            # a K-fold member's weight is shared by its fold models
+            model_weights += [weight / len(groups[-1])] * len(groups[-1])
         kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
         if k:
             plural = "s" if len(members) > 1 else ""
@@ -226,14 +232,16 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                 # input example documents the format.
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=serving.__file__, artifacts=artifacts,
-                    model_config={"tta": tta}, input_example=example,
+                    model_config={"tta": tta, **({"weights": model_weights} if weights else {})},
+                    input_example=example,
                     signature=infer_signature(None, pd.DataFrame(
                         {"label": [0], **{f"prob_{k}": [0.1] for k in range(10)}}).astype(
                         {"label": "int64", **{f"prob_{k}": "float32" for k in range(10)}})),
                     pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
                 )
                 model = mlflow.pyfunc.load_model(info.model_uri)
-                metrics = evaluate(model, members, groups, dataset, pol.predict_batch_size, tta)
+                metrics = evaluate(model, members, groups, dataset, pol.predict_batch_size, tta,
+                                   weights)
             except Exception as exc:  # the packaged model fails where the members loaded
                 runs = ", ".join(m.info.run_id for m in members)
                 raise UserError(f"the serving model of run{'s' if len(members) > 1 else ''} {runs} "
@@ -258,6 +266,10 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
     }
     if k:
         tags["validation_folds"] = str(k)
+    if weights:
+        tags["ensemble"] = "auto"
+        tags["ensemble_weights"] = ",".join(
+            f"{m.data.tags.get('trial_number', m.info.run_id)}:{w:.4g}" for m, w in zip(members, weights, strict=True))
     if refit:
         tags.update(refit="true", refit_of=",".join(m.data.tags["refit_of"] for m in members),
                     validation="none: refitted on every labelled image; val_accuracy is the "
@@ -277,6 +289,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         + (f" (out of fold, {k} folds)" if k else "")
         + (f", holdout accuracy {metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "")
         + ("; test-time augmentation" if tta else "")
+        + (f"; {chosen}" if chosen else "")
         + (f"; parameters {sampled}" if sampled else "")
     )
     client.update_model_version(pol.model_name, version.version, description=description)

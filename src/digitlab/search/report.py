@@ -16,9 +16,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from digitlab import console, registry, store
+from digitlab import console, store
 from digitlab.errors import one_line
-from digitlab.search import params
+from digitlab.search import params, ranking
 from digitlab.search import trial as trial_mod
 from digitlab.search.coordination import redact
 from digitlab.search.settings import Settings
@@ -195,7 +195,7 @@ def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str
     # The registry's ranking (with its tie-break) names the best trial, so the search
     # reports the trial that `digitlab promote` would register.
     done = {r["run_id"]: r for r in rows if r["state"] == "COMPLETE" and r.get("run_id")}
-    ranked = registry.ranked_trials(client, client.get_run(parent_run_id))
+    ranked = ranking.ranked_trials(client, client.get_run(parent_run_id))
     best = next((done[t.info.run_id] for t in ranked if t.info.run_id in done), None)
     if best:
         client.log_metric(parent_run_id, f"best_{space.metric}", float(best["value"]))

@@ -16,10 +16,10 @@ import time
 from mlflow import MlflowClient
 
 from digitlab import data as data_mod
-from digitlab import registry, store
+from digitlab import store
 from digitlab.errors import Terminated
 from digitlab.search import plan as plan_mod
-from digitlab.search import report
+from digitlab.search import ranking, report
 from digitlab.search.settings import Settings
 from digitlab.search.workers import engine_for, run_workers
 
@@ -55,7 +55,7 @@ class Progress:
 
     def best(self) -> tuple[float, str] | None:
         client = MlflowClient()
-        ranked = registry.ranked_trials(client, client.get_run(self.parent_run_id))
+        ranked = ranking.ranked_trials(client, client.get_run(self.parent_run_id))
         if not ranked:
             return None
         return ranked[0].data.metrics["objective"], ranked[0].data.tags.get("trial_number", "?")
