@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from digitlab import cli
 from tests.conftest import TINY_SPACE, free_port
-from tests.screenshots import CHROMIUM, model_page, page_text, run_page, ui
+from tests.screenshots import CHROMIUM, PICTURES, page_text, pictures, run_page, ui
 
 
 @pytest.fixture
@@ -69,14 +69,24 @@ def test_after_promote_and_two_submits_the_runs_table_still_opens_on_the_search(
                                  filter_string="tags.`digitlab.kind` = 'submit'")
     assert len(submits) == 2
     assert {r.data.tags.get("mlflow.parentRunId") for r in submits} == {version.run_id}
-    top_level = [r.info.run_name for r in mlflow.search_runs(
-        experiment_names=["digit-recognizer"], output_format="list")
-        if "mlflow.parentRunId" not in r.data.tags]
-    assert top_level == ["space-optuna"]
+    runs = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list")
+    top_level = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_name for r in top_level] == ["space-optuna"]
+    trial = mlflow.get_run(version.run_id).data.tags["mlflow.parentRunId"]  # the serving run's
 
     with ui(workdir, free_port()) as (url, _):
+        # As the UI opens: top-level runs only, each with an expander for its children.
         runs_page = page_text(url, workdir / "runs.png")
         assert "space-optuna" in runs_page, runs_page[:2000]
         assert "submit-v" not in runs_page and "serving " not in runs_page, runs_page[:3000]
-        model = page_text(model_page(url), workdir / "model.png")
-        assert "digit-recognizer" in model and "production" in model, model[:2000]
+        # As docs/ui.md shows it (the same code makes its pictures): the search, the trial
+        # and the version's serving run expanded, the two submissions under that.
+        texts = pictures(url, top_level[0], [top_level[0].info.run_id, trial, version.run_id],
+                         workdir)
+    table = texts["runs-table.png"]
+    assert table.count("submit-v1") == 2, table[:3000]
+    assert (table.index("space-optuna") < table.index(f"trial-{version.tags['trial_number']}")
+            < table.index("serving trial-") < table.index("submit-v1")), table[:3000]
+    assert "reproduce:" in texts["search-parent.png"]
+    assert "production" in texts["registered-model.png"], texts["registered-model.png"][:2000]
+    assert all((workdir / name).stat().st_size > 10_000 for name in PICTURES)
