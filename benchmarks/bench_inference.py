@@ -35,8 +35,9 @@ def measure(quick: bool) -> list[Row]:
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
-            result = submission.submit(model_uri=f"models:/digit-recognizer/{version.version}",
-                                       data_dir=str(big), output=str(Path(root) / "submission.csv"))
+            result = submission.submit(data.load(str(big)), registry.policy(),
+                                       model_uri=f"models:/digit-recognizer/{version.version}",
+                                       output=str(Path(root) / "submission.csv"))
             seconds.append(time.perf_counter() - start)
             assert result["rows"] == ROWS
     group = "inference"

@@ -41,6 +41,7 @@ def throughput(epochs: int, repeats: int) -> tuple[float, float, float, float]:
     import keras
 
     from digitlab import config, data, models, runtime, store, tracking, train
+    from digitlab.validation import Holdout
 
     with scratch("train"):
         dataset = data.load()
@@ -68,7 +69,7 @@ def throughput(epochs: int, repeats: int) -> tuple[float, float, float, float]:
 
         def ours():
             with tracking.open_run("bench-train") as run:
-                tracking.log_setup(cfg, dataset)
+                tracking.log_setup(cfg, dataset, Holdout())
                 result = train.run(cfg, dataset, on_epoch=counting(run.run_id), verbose=0)
             fit_seconds["ours"].append(result.train_seconds)
 

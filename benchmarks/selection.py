@@ -96,7 +96,7 @@ def study(label: str, folds: int, quick: bool, data_dir: str | None, *, trials: 
           epochs: int) -> dict:
     from mlflow import MlflowClient
 
-    from digitlab import registry, search
+    from digitlab import data, registry, search
 
     name = f"selection-{folds or 1}"
     path = Path(f"{name}.yaml")
@@ -112,8 +112,8 @@ def study(label: str, folds: int, quick: bool, data_dir: str | None, *, trials: 
     # Minimised cross-entropy: its negative, so that a higher score is a better trial.
     scores = [-t.data.metrics["objective"] for t in ranked]
     holdout = [t.data.metrics["holdout_accuracy"] for t in ranked]
-    _, _, version = registry.promote(search_run_id=summary["parent_run_id"], force=True,
-                                     data_dir=data_dir)
+    _, _, version = registry.promote(data.load(data_dir), registry.policy(),
+                                     search_run_id=summary["parent_run_id"], force=True)
     chosen = float(version.tags["holdout_accuracy"])
     return {"label": label, "rho": spearman(scores, holdout), "chosen": chosen,
             "best": max(holdout), "completed": len(ranked), "trials": len(summary["rows"]),

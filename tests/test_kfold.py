@@ -148,12 +148,13 @@ def test_bad_folds_are_one_line_errors_before_anything_exists(
 
 def test_folds_on_the_command_line_make_a_study_of_their_own(workdir, tiny_dir):
     from digitlab import search
+    from digitlab.validation import Holdout, KFold
 
     path = workdir / "space.yaml"
     path.write_text(TINY_SPACE)
     single = search.make_settings(str(path))
     kfold = search.make_settings(str(path), folds=3)
-    assert (single.folds, kfold.folds) == (0, 3)
+    assert (single.validation, kfold.validation) == (Holdout(), KFold(3))
     assert single.study == "space-optuna" and kfold.study == "space-optuna-3fold"
     assert single.space.fingerprint() != kfold.space.fingerprint()
 

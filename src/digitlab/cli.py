@@ -98,7 +98,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from digitlab import config, data, folds, search
+    from digitlab import config, data, search
 
     settings = search.make_settings(
         args.space, engine=args.engine, trials=args.trials, max_epochs=args.max_epochs,
@@ -107,12 +107,8 @@ def cmd_search(args) -> int:
     )
 
     def check(dataset) -> None:
-        if settings.folds:  # the folds replace each experiment's validation split
-            folds.check(dataset, settings.folds)
-            return
         for name in settings.space.experiments:
-            fraction = config.load_experiment(name, settings.space.fixed).training.validation_fraction
-            data.check_split(dataset, fraction)
+            settings.validation.check(dataset, config.load_experiment(name, settings.space.fixed))
 
     dataset = data.load(settings.data_dir, check)
     console.import_backend()
@@ -134,7 +130,7 @@ def cmd_search(args) -> int:
 
         print(f"digitlab: {report.nothing_completed(summary['rows'])}", file=sys.stderr)
         return 1
-    metric = settings.space.scored_by + (f" ({settings.folds}-fold)" if settings.folds else "")
+    metric = settings.space.scored_by + settings.validation.short()
     print(f"best trial {best['number']}: {metric} {best['value']:.4f} (MLflow run {best['run_id']})")
     if refitted := summary.get("refit_run_id"):
         print(f"refitted trial {best['number']} on every labelled image: MLflow run {refitted}")
@@ -149,17 +145,17 @@ def cmd_promote(args) -> int:
     if args.min_delta is not None and not math.isfinite(args.min_delta):
         raise UserError("--min-delta must be a finite number")
     policy = registry.policy()
-    data.load(args.data_dir)
+    dataset = data.load(args.data_dir)
     console.import_backend()
     from digitlab import store
 
     store.configure()
     if args.rollback:
-        print(registry.rollback(policy, data_dir=args.data_dir))
+        print(registry.rollback(policy, dataset))
         return 0
     moved, message, version = registry.promote(
-        search_run_id=args.search_run or None, run_id=args.run or None, ensemble=args.ensemble,
-        tta=args.tta, min_delta=args.min_delta, force=args.force, data_dir=args.data_dir,
+        dataset, policy, search_run_id=args.search_run or None, run_id=args.run or None,
+        ensemble=args.ensemble, tta=args.tta, min_delta=args.min_delta, force=args.force,
         refit=args.refit,
     )
     tags = version.tags
@@ -172,13 +168,13 @@ def cmd_promote(args) -> int:
 def cmd_submit(args) -> int:
     from digitlab import data, registry
 
-    registry.policy()
-    data.load(args.data_dir)
+    policy = registry.policy()
+    dataset = data.load(args.data_dir)
     console.import_backend()
     from digitlab import store, submission
 
     store.configure()
-    result = submission.submit(model_uri=args.model_uri or None, data_dir=args.data_dir,
+    result = submission.submit(dataset, policy, model_uri=args.model_uri or None,
                                output=args.output or None, kaggle_submit=args.kaggle_submit)
     print(f"wrote {result['path']}: {result['rows']} rows from {result['model_uri']}"
           + (f" (version {result['version']})" if result["version"] else ""))

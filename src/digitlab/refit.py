@@ -11,7 +11,6 @@ that was interrupted, or run again, does not train it twice.
 
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from digitlab import config as config_mod
-from digitlab.data import DigitData, Split
+from digitlab.data import DigitData
 from digitlab.errors import ConfigError, UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -102,9 +101,10 @@ def refit(run: Run, data: DigitData, config=None) -> Run:
     """The refit of trial `run` on every labelled image of `data`: an existing one, or a new
     run nested under the trial. `config` is `refit_config(run)` when the caller has checked
     it already."""
-    from digitlab import console, train
+    from digitlab import console
     from digitlab.search.coordination import worker_id
     from digitlab.tracked import tracked_run
+    from digitlab.validation import AllImages
 
     client = MlflowClient()
     if found := existing(client, run, data.digest):
@@ -112,7 +112,6 @@ def refit(run: Run, data: DigitData, config=None) -> Run:
         return found
     config = config or refit_config(run)
     end_abandoned(client, run)
-    everything = Split(data.train_images, data.train_labels, data.train_images[:0], data.train_labels[:0])
     tags = {"digitlab.kind": KIND, "refit_of": run.info.run_id, "worker": worker_id(),
             "trial_number": run.data.tags.get("trial_number", ""), "validation": "none",
             "refit_epochs": config.training.epochs}
@@ -122,5 +121,5 @@ def refit(run: Run, data: DigitData, config=None) -> Run:
     run_id, _, _ = tracked_run(config, data, name=name, tags=tags, parent_run_id=run.info.run_id,
                                experiment_id=run.info.experiment_id,
                                verbose=2 if console.verbose() else 0,
-                               fit=functools.partial(train.run, split=everything), refit=True)
+                               validation=AllImages())
     return client.get_run(run_id)

@@ -143,15 +143,13 @@ def _version_run(version):
         return None
 
 
-def submit(model_uri: str | None = None, data_dir: str | None = None, output: str | None = None,
+def submit(dataset: data_mod.DigitData, pol, model_uri: str | None = None, output: str | None = None,
            kaggle_submit: bool = False) -> dict:
     from tqdm import tqdm
 
     from digitlab import tracking
 
-    pol = registry.policy()
     kaggle = check_kaggle() if kaggle_submit else None
-    dataset = data_mod.load(data_dir)
     model_uri = model_uri or f"models:/{pol.model_name}@{pol.production_alias}"
     output_path = Path(output or pol.submission_path)
     version = resolve_version(model_uri)

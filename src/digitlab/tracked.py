@@ -2,9 +2,10 @@
 `tracked_run` (`digitlab train`, each experiment of `compare`, each search trial of
 either engine).
 
-Open the run, log the setup (a run that fails later keeps it), train through
-`train.run` with per-epoch metrics to MLflow, then let the caller's `judge` decide how
-the run ends: what is logged, with or without the model, and its status.
+Open the run, log the setup (a run that fails later keeps it), train through the run's
+validation (`train.run` on its split or folds) with per-epoch metrics to MLflow, then
+let the caller's `judge` decide how the run ends: what is logged, with or without the
+model, and its status.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from digitlab import tracking, train
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData
 from digitlab.errors import TrainingFailed
+from digitlab.validation import Holdout, Validation
 
 
 @dataclass
@@ -57,31 +59,32 @@ def tracked_run(
     nested: bool = False,
     on_start: Callable[[str], None] | None = None,
     verbose: int | str = "auto",
-    fit: Callable[..., train.Result] | None = None,
-    folds: int = 0,
-    refit: bool = False,
+    validation: Validation | None = None,
 ) -> tuple[str, train.Result, Verdict]:
     """Train `config` on `data` as one MLflow run; returns its id, the result and verdict.
 
     `on_start(run_id)` runs once the run exists (an engine records the id); an exception
-    from training ends the run FAILED and propagates. `fit` trains in place of `train.run`,
-    with its arguments (a K-fold trial trains one model per fold through it, in this run, and
-    says so with `folds`, so the run records the folds instead of the config's split; a refit
-    trains on every labelled image, and says so with `refit`).
+    from training ends the run FAILED and propagates. `validation` is how the run is
+    validated and trains (`digitlab.validation`): the config's own split unless given (a
+    K-fold trial's folds, a refit's nothing held out); it records what it held out and
+    logs the models the run hands on.
     """
+    validation = validation or Holdout()
     with tracking.open_run(name or config.name, nested=nested, tags=tags,
                            parent_run_id=parent_run_id, experiment_id=experiment_id,
                            system_metrics=tracking.system_metrics_enabled()) as handle:
         if on_start:
             on_start(handle.run_id)
-        tracking.log_setup(config, data, folds, refit)
+        tracking.log_setup(config, data, validation)
         if params:
             mlflow.log_params(params)
-        result = (fit or train.run)(config, data, callbacks=list(callbacks),
-                                    on_epoch=tracking.epoch_logger(handle.run_id), verbose=verbose)
+        result = validation.fit(config, data, callbacks=list(callbacks),
+                                on_epoch=tracking.epoch_logger(handle.run_id), verbose=verbose)
         verdict = judge(result)
         if verdict.log_result:
-            tracking.log_result(result, with_model=verdict.log_model)
+            tracking.log_result(result)
+        if verdict.log_model:
+            validation.log_models(result)
         if verdict.metrics:
             mlflow.log_metrics(verdict.metrics)
         if verdict.tags:

@@ -93,12 +93,9 @@ def epoch_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
     return log
 
 
-def log_setup(config: ExperimentConfig, data: DigitData, folds: int = 0, refit: bool = False) -> None:
-    """What is known before training: config, data, environment. A failed run keeps it.
-
-    `folds`: the run validates on K folds of the labelled images (a K-fold trial), not on
-    the config's single split.
-    """
+def log_setup(config: ExperimentConfig, data: DigitData, validation) -> None:
+    """What is known before training: config, data, environment, and how it is validated
+    (`digitlab.validation`). A failed run keeps it."""
     params = {key: str(value) for key, value in config.flat().items() if key != "description"}
     params.update({"data.source": data.source, "data.digest": data.digest,
                    "data.train_rows": len(data.train_labels), "data.test_rows": len(data.test_images)})
@@ -117,35 +114,21 @@ def log_setup(config: ExperimentConfig, data: DigitData, folds: int = 0, refit: 
     # What this run trains, from its own values (a trial's sampled ones included); the
     # experiment file's prose would describe the file's defaults instead.
     mlflow.set_tag("mlflow.note.content", config.summary())
-    # The validation split (or the folds' seed), as tags a promotion reads back to evaluate
-    # on the same images.
-    mlflow.set_tag("split_seed", config.split_seed)
-    if not folds and not refit:
-        mlflow.set_tag("validation_fraction", config.training.validation_fraction)
+    # The validation split (or the folds), as tags a promotion reads back to evaluate on
+    # the same images (`validation.from_run`).
+    mlflow.set_tags(validation.tags(config))
     mlflow.log_text(config.to_yaml(), "config.yaml")
-    log_datasets(config, data, folds, refit)
+    log_datasets(config, data, validation)
 
 
-def log_datasets(config: ExperimentConfig, data: DigitData, folds: int = 0, refit: bool = False) -> None:
+def log_datasets(config: ExperimentConfig, data: DigitData, validation) -> None:
     """The training, validation and holdout (or unlabelled test) images as MLflow datasets,
-    with their real shapes, the data directory as source, and digests that name the split.
-
-    With K folds every labelled image is trained on and validated on (in different folds):
-    one `training` dataset of all of them, named for the folds, and the holdout; a refit
-    trains on all of them and validates on none.
-    """
+    with their real shapes, the data directory as source, and digests that name the split
+    (with K folds, one `training` dataset of every labelled image; a refit has no
+    validation images)."""
     import hashlib
 
-    from digitlab import data as data_mod
-
-    if folds or refit:
-        parts = {"training": (data.train_images, data.train_labels)}
-        split_key = f"{folds}folds|{config.split_seed}" if folds else "all"
-    else:
-        split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
-        parts = {"training": (split.train_images, split.train_labels),
-                 "validation": (split.val_images, split.val_labels)}
-        split_key = f"{config.training.validation_fraction}|{config.split_seed}"
+    parts, split_key = validation.datasets(config, data)
     test = "holdout" if data.test_labels is not None else "test"
     parts[test] = (data.test_images, data.test_labels)
     source = str(Path(data.source).resolve())
@@ -164,8 +147,9 @@ def log_datasets(config: ExperimentConfig, data: DigitData, folds: int = 0, refi
             mlflow.log_input(dataset, context=context)
 
 
-def log_result(result: Result, with_model: bool = True) -> None:
-    """Metrics, figures, tables and (unless told otherwise) the model, once training has ended."""
+def log_result(result: Result) -> None:
+    """Metrics, figures, tables and held-out predictions, once training has ended (the
+    models: the run's validation logs them)."""
     metrics = {
         "best_val_accuracy": result.best_val_accuracy,
         "val_accuracy_final_model": result.val_accuracy,
@@ -193,8 +177,6 @@ def log_result(result: Result, with_model: bool = True) -> None:
                                      columns=[f"pred_{i}" for i in range(10)]).to_csv(),
                         "confusion_matrix.csv")
     log_predictions(result)
-    if with_model:
-        log_model(result)
 
 
 # Every run's class probabilities on its held-out images, with their rows in train.csv:

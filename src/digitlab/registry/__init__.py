@@ -56,17 +56,16 @@ def policy() -> Policy:
     return Policy(**raw)
 
 
-def promote(search_run_id: str | None = None, run_id: str | None = None, ensemble: int | str = 1,
-            tta: bool = False, min_delta: float | None = None, force: bool = False,
-            data_dir: str | None = None, refit: bool = False) -> tuple[bool, str, object]:
+def promote(dataset: data_mod.DigitData, pol: Policy, search_run_id: str | None = None,
+            run_id: str | None = None, ensemble: int | str = 1, tta: bool = False,
+            min_delta: float | None = None, force: bool = False,
+            refit: bool = False) -> tuple[bool, str, object]:
     """Select, (refit,) register, load-check, gate and move the aliases. With `refit`, each
     member is first trained again on every labelled image (`digitlab.refit`); every refit's
     configuration and data are checked before the first one trains."""
     from digitlab import refit as refit_mod
     from digitlab import store
 
-    pol = policy()
-    dataset = data_mod.load(data_dir)
     client = MlflowClient()
     experiment_ids = [e] if (e := store.experiment_id()) else []
     weights, chosen = None, ""

@@ -63,7 +63,7 @@ def gate_and_move(candidate, pol, min_delta: float, force: bool) -> tuple[bool, 
     return True, f"version {candidate.version} is now {pol.production_alias}{replaced}{compared}"
 
 
-def rollback(pol, data_dir: str | None = None) -> str:
+def rollback(pol, dataset: data_mod.DigitData) -> str:
     """Swap production and previous back, once the version that returns has passed the same
     load check a promotion gets (its files may have changed since it was production)."""
     client = MlflowClient()
@@ -77,8 +77,6 @@ def rollback(pol, data_dir: str | None = None) -> str:
                             f"{pol.production_alias} and {pol.previous_alias} aliases")
         return production, previous
 
-    aliased()  # before the data are loaded (the default directory is written on first use)
-    dataset = data_mod.load(data_dir)
     with alias_lock(name):
         production, previous = aliased()
         try:

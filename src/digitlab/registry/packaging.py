@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from digitlab import console, folds
+from digitlab import console, validation
 from digitlab import data as data_mod
 from digitlab.errors import UserError, one_line
 
@@ -47,23 +47,15 @@ def keras_file(run_id: str) -> str:
     return _download(models[0], run_id)
 
 
-def fold_count(run: Run) -> int:
-    """K for a trial validated on K folds (tag validation_folds), else 0."""
-    return int(run.data.tags.get("validation_folds") or 0)
-
-
 def keras_files(run: Run) -> list[str]:
-    """Every model a run serves with: its one model, or a K-fold trial's K fold models in
-    fold order (`fold_1` ... `fold_K`), all of them or an error."""
-    run_id, k = run.info.run_id, fold_count(run)
-    models = _logged_models(run_id)
-    if not k:
-        return [_download(models[0], run_id)]
-    by_name = {m.name: m for m in models}
-    names = [folds.MODEL_NAME.format(i) for i in range(1, k + 1)]
-    if missing := [n for n in names if n not in by_name]:
-        raise UserError(f"run {run_id} validated on {k} folds but has no logged model {missing[0]}; "
-                        "nothing registered, aliases unchanged")
+    """Every model a run serves with, in order: its one model, or a K-fold trial's K fold
+    models (`fold_1` ... `fold_K`), all of them or an error."""
+    run_id = run.info.run_id
+    by_name = {m.name: m for m in sorted(_logged_models(run_id), key=lambda m: m.name)}
+    try:
+        names = validation.from_run(run).model_names(list(by_name))
+    except UserError as exc:
+        raise UserError(f"run {run_id}: {exc}; nothing registered, aliases unchanged") from None
     return [_download(by_name[n], run_id) for n in names]
 
 
@@ -93,21 +85,6 @@ def predict_labels(model, rows: pd.DataFrame, batch_size: int,
     return np.concatenate(labels).astype(np.int64) if labels else np.empty(0, dtype=np.int64)
 
 
-def validation_of(members: list[Run]) -> tuple[int, int]:
-    """(K, split seed) of K-fold members, (0, 0) for single-split ones. An ensemble's members
-    must share their folds: out-of-fold predictions exist only for the same folds."""
-    kinds = {(fold_count(m), m.data.tags.get("split_seed")) for m in members}
-    k, seed = next(iter(kinds))
-    if len(kinds) > 1 and any(fold_count(m) for m in members):
-        raise UserError("the runs were validated differently (folds "
-                        f"{sorted({fold_count(m) for m in members})}, split seeds "
-                        f"{sorted({str(m.data.tags.get('split_seed')) for m in members})}): an "
-                        "ensemble of K-fold trials needs the same folds; promote them separately")
-    if k and seed is None:
-        raise UserError(f"run {members[0].info.run_id} records no split_seed tag")
-    return k, int(seed) if k else 0
-
-
 def is_refit(members: list[Run]) -> bool:
     return all(m.data.tags.get("refit_of") for m in members)
 
@@ -130,25 +107,14 @@ def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_m
     Refits trained on every labelled image, so none is left to validate on: their source
     trials' validation accuracy is recorded instead (`source_val_accuracy`).
     """
-    k, seed = validation_of(members)
     if is_refit(members):
         metrics = {"source_val_accuracy": source_val_accuracy(members)}
-    elif k:
+    else:
+        # by the serving code, on the images the members held out, as their runs recorded them
         import keras
 
         models = [[keras.saving.load_model(path, compile=False) for path in group] for group in groups]
-        oof = folds.oof_probabilities(models, dataset, k, seed, tta, weights)
-        metrics = {"val_accuracy": float(np.mean(oof.argmax(1) == dataset.train_labels))}
-    else:
-        run = members[0].data  # the split the members validated on, as their runs recorded it
-        try:
-            fraction, seed = float(run.tags["validation_fraction"]), int(run.tags["split_seed"])
-        except KeyError:
-            raise UserError(f"run {members[0].info.run_id} records no validation split (tags "
-                            "validation_fraction, split_seed): train it again with this version") from None
-        split = data_mod.split(dataset, fraction, seed)
-        metrics = {"val_accuracy": float(np.mean(
-            predict_labels(model, to_rows(split.val_images), batch_size) == split.val_labels))}
+        metrics = {"val_accuracy": validation.from_runs(members).score(models, dataset, tta, weights)}
     if dataset.test_labels is not None:
         metrics["holdout_accuracy"] = float(np.mean(
             predict_labels(model, to_rows(dataset.test_images), batch_size) == dataset.test_labels))
@@ -193,7 +159,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                  pol.model_name)
         return version
     check_data(members, dataset)
-    k, _ = validation_of(members)
+    way = validation.from_runs(members)
     example = to_rows(dataset.test_images[:3])
     with tempfile.TemporaryDirectory() as tmp:
         # Every model of every member is one artifact (serving.py averages member_*): a
@@ -210,9 +176,10 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
             # a K-fold member's weight is shared by its fold models
             model_weights += [weight / len(groups[-1])] * len(groups[-1])
         kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
-        if k:
+        if len(artifacts) > len(members):  # members of several models each (K folds)
             plural = "s" if len(members) > 1 else ""
-            kind = f"ensemble of {len(artifacts)} ({len(members)} trial{plural} x {k} folds)"
+            kind = (f"ensemble of {len(artifacts)} ({len(members)} trial{plural} x "
+                    f"{len(artifacts) // len(members)} models)")
         # The version's source run: nested under the trial it serves (or, for an ensemble,
         # under the search, named after its members), so the registry links back to them.
         names = ", ".join(m.info.run_name for m in members)
@@ -264,8 +231,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         "trial_number": best.data.tags.get("trial_number", ""),
         "search_run_id": search_run.info.run_id if search_run else "",
     }
-    if k:
-        tags["validation_folds"] = str(k)
+    tags.update({k: str(v) for k, v in way.version_tags().items()})
     if weights:
         tags["ensemble"] = "auto"
         tags["ensemble_weights"] = ",".join(
@@ -286,7 +252,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
            f"{best.data.tags.get('refit_epochs')} epochs; its source trial"
            f"{'s' if len(members) > 1 else ''}' validation accuracy {validated:.4f}" if refit else
            f"validation accuracy {validated:.4f}")
-        + (f" (out of fold, {k} folds)" if k else "")
+        + way.describe()
         + (f", holdout accuracy {metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "")
         + ("; test-time augmentation" if tta else "")
         + (f"; {chosen}" if chosen else "")

@@ -44,7 +44,7 @@ class Plan:
         """The one line a search prints before its first trial."""
         trial = duration(self.trial_seconds)
         head = (f"plan: one full trial ({self.epochs} epochs of {self.epoch_images:,} images"
-                + (f", x{self.runs_per_trial} folds" if self.runs_per_trial > 1 else "")
+                + (f", x{self.runs_per_trial} models" if self.runs_per_trial > 1 else "")
                 + f", from {self.train_images:,} training images) takes about {trial} here")
         if not minutes:
             return head
@@ -84,12 +84,8 @@ def measure(settings: Settings, data: DigitData) -> Plan:
     space = settings.space
     config = space.trial_config(dict(space.start), settings.seed, 0)
     t = config.training
-    if space.folds:
-        k = space.folds
-        fraction = 1 / k
-    else:
-        k, fraction = 1, t.validation_fraction
-    split = data_mod.split(data, fraction, config.split_seed)
+    k = space.validation.models_per_run
+    split = data_mod.split(data, space.validation.timing_fraction(config), config.split_seed)
     timed = dataclasses.replace(config, training=dataclasses.replace(
         t, epochs=2, epoch_images=TIMED_BATCHES * t.batch_size, subset_images=0, subset_epochs=0,
         early_stopping=dataclasses.replace(t.early_stopping, enabled=False),

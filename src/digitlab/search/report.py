@@ -87,8 +87,7 @@ def reproduce_command(settings: Settings) -> str:
              "--trials", str(settings.trials), "--max-epochs", str(settings.max_epochs)]
     if space.minutes:
         words += ["--minutes", f"{space.minutes:g}"]
-    if settings.folds:
-        words += ["--folds", str(settings.folds)]
+    words += settings.validation.options()
     words += ["--seed", str(settings.seed), "--study", settings.study]
     if settings.storage:  # a password in it stays out of the store: anyone may read runs
         words += ["--storage", redact(settings.storage)]
@@ -117,7 +116,7 @@ def describe(settings: Settings, best: dict | None = None) -> str:
              "",
              f"- experiments: {', '.join(space.experiments)}",
              f"- objective: {space.direction} {space.metric}"
-             + (f" (out of fold, {settings.folds} folds)" if settings.folds else ""),
+             + settings.validation.describe(),
              f"- engine: {engine}",
              f"- budget: {budget}",
              f"- space: {'; '.join(_range(p) for p in space.params)}",

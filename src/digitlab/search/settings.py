@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from digitlab import validation
 from digitlab.errors import UserError
 from digitlab.search import space as space_mod
 from digitlab.search.space import StudyFile
@@ -36,9 +37,9 @@ class Settings:
         return self.space.max_epochs
 
     @property
-    def folds(self) -> int:
-        """K of K-fold validation (the file's, or --folds); 0: one validation split."""
-        return self.space.folds
+    def validation(self) -> validation.Holdout | validation.KFold:
+        """How trials are validated: one split, or K folds (the file's or --folds)."""
+        return self.space.validation
 
 
 def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
@@ -54,8 +55,7 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
     for option, value in (("--trials", trials), ("--max-epochs", max_epochs), ("--minutes", minutes)):
         if value is not None and (value < 0 or value != value or value == float("inf")):
             raise UserError(f"{option} must be a positive number (0: the search file's)")
-    if folds is not None and (folds < 0 or folds == 1):
-        raise UserError("--folds must be at least 2 (0: the search file's validation.folds)")
+    validation.check_folds_option(folds)
     # Budget options take the place of the file's values before the file is checked, so
     # they meet the same rules (e.g. optuna.min_epochs <= budget.max_epochs); so does
     # --folds (e.g. an objective that has an out-of-fold value).
@@ -64,6 +64,6 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
                                       folds=folds or None)
     # A K-fold study of a file is another study than its single-split one (their objectives
     # differ), so by default it gets a name of its own and neither resumes the other.
-    default = f"{space.name}-{engine}" + (f"-{space.folds}fold" if space.folds else "")
+    default = f"{space.name}-{engine}{space.validation.study_suffix()}"
     return Settings(space=space, engine=engine, study=study or default,
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed)

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from digitlab import config as config_mod
-from digitlab import resources
+from digitlab import resources, validation
 from digitlab.errors import ConfigError
-from digitlab.folds import OOF_METRICS
 from digitlab.metrics import OBJECTIVE_METRICS
 
 ARCHITECTURE_KEY = "experiment"
@@ -76,9 +75,14 @@ class StudyFile:
         return Path(self.path).stem
 
     @property
+    def validation(self) -> validation.Holdout | validation.KFold:
+        """How every trial is validated: one split, or `validation.folds` folds."""
+        return validation.of(self.folds)
+
+    @property
     def scored_by(self) -> str:
         """The metric trials are ranked by: the objective's, out of fold in a K-fold study."""
-        return OOF_METRICS[self.metric] if self.folds else self.metric
+        return self.validation.scored_by(self.metric)
 
     def fingerprint(self) -> str:
         """What a resumed study must share with the original: experiments, space, objective."""
@@ -89,8 +93,7 @@ class StudyFile:
             "fixed": self.fixed,
             "params": [asdict(p) for p in self.params],
         }
-        if self.folds:  # trials scored out of fold are not comparable with single-split ones
-            data["folds"] = self.folds
+        data.update(self.validation.fingerprint())
         # Set only when used, so that studies made before these settings existed resume.
         data.update(self.lengths())
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -214,17 +217,16 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
     fixed = raw.get("fixed") or {}
     space = raw.get("space") or {}
     start = raw.get("start") or {}
-    validation = raw.get("validation") or {}
+    validation_section = raw.get("validation") or {}
     for name, section in (("objective", objective), ("budget", budget), ("optuna", optuna_opts),
                           ("kerastuner", kt_opts), ("fixed", fixed), ("space", space), ("start", start),
-                          ("validation", validation)):
+                          ("validation", validation_section)):
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {name} must be a mapping")
     budget_keys = {"trials", "max_epochs", "minutes", "epoch_images", "subset_images", "subset_epochs"}
     if unknown := sorted(set(budget) - budget_keys):
         raise ConfigError(f"{path}: unknown option budget.{unknown[0]} (known: {', '.join(sorted(budget_keys))})")
-    if unknown := sorted(set(validation) - {"folds"}):
-        raise ConfigError(f"{path}: unknown option validation.{unknown[0]} (known: folds)")
+    folds = validation.folds_of(validation_section, folds, path)
 
     params = [_param(k, v, f"{path}: space.{k}") for k, v in space.items()]
     if len(experiments) > 1:
@@ -249,7 +251,7 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
         min_epochs=optuna_opts.get("min_epochs", 1),
         tuner=kt_opts.get("tuner", "hyperband"),
         max_consecutive_failures=raw.get("max_consecutive_failures", 3),
-        folds=validation.get("folds", 0) if folds is None else folds,
+        folds=folds,
         fixed=dict(fixed),
         params=tuple(params),
         start=dict(start),
@@ -284,15 +286,12 @@ def _check(s: StudyFile) -> None:
         (s.tuner in KERASTUNER_TUNERS, f"kerastuner.tuner must be one of {', '.join(KERASTUNER_TUNERS)}"),
         (isinstance(s.max_consecutive_failures, int) and s.max_consecutive_failures >= 1,
          "max_consecutive_failures must be a positive integer"),
-        (isinstance(s.folds, int) and not isinstance(s.folds, bool) and (s.folds == 0 or s.folds >= 2),
-         "validation.folds must be a whole number of at least 2 (0: one validation split)"),
-        (not s.folds or s.metric in OOF_METRICS,
-         f"validation.folds scores trials out of fold: objective.metric must be "
-         f"{' or '.join(OOF_METRICS)} (got {s.metric!r})"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{p}: {message}")
+    if problem := s.validation.objective_problem(s.metric):
+        raise ConfigError(f"{p}: {problem}")
     params = {param.key: param for param in s.params}
     for key, value in s.start.items():
         if key not in params:

@@ -1,7 +1,6 @@
 """One trial, whatever the engine: sampled values -> config overrides -> `tracked_run`,
-recorded as one MLflow run nested under the search's parent run. With K-fold validation
-(`validation: {folds: K}`) the trial trains K models in that run (`folds.FoldTrainer`) and
-is scored by their out-of-fold predictions.
+recorded as one MLflow run nested under the search's parent run and validated the
+study's way (`digitlab.validation`: one split, or K folds scored out of fold).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from mlflow import MlflowClient
 
 from digitlab import console, train
 from digitlab.data import DigitData
-from digitlab.folds import FoldTrainer
 from digitlab.search.params import decode
 from digitlab.search.space import StudyFile
 from digitlab.tracked import Verdict, tracked_run
@@ -58,8 +56,7 @@ def failed(message: str, reason: str, log_result: bool = True) -> Verdict:
                          "fail_reason": reason[:250]})  # filter by tags.fail_reason
 
 
-def judge(space: StudyFile, hook, trainer: FoldTrainer | None = None
-          ) -> Callable[[train.Result], Verdict]:
+def judge(space: StudyFile, hook, validation) -> Callable[[train.Result], Verdict]:
     def verdict(result: train.Result) -> Verdict:
         pruned = hook is not None and hook.pruned_at is not None
         failure = result.failure
@@ -73,13 +70,9 @@ def judge(space: StudyFile, hook, trainer: FoldTrainer | None = None
             return failed(f"no finite {space.metric}", f"no finite {space.metric}", log_result=False)
         state = PRUNED if pruned else COMPLETE
         metrics = {"objective": value}
-        if trainer is not None and state == COMPLETE:
-            # The result is scored out of fold (folds.combine). tracked_run logs one `model`;
-            # a K-fold trial's model is its K fold models, logged here by the same judgement.
-            metrics.update({"oof_accuracy": result.val_accuracy,
-                            "oof_crossentropy": result.val_crossentropy})
-            trainer.log_models()
-        return Verdict(status=RUN_STATUS[state], log_model=not pruned and trainer is None,
+        if state == COMPLETE:
+            metrics.update(validation.scores(result))
+        return Verdict(status=RUN_STATUS[state], log_model=not pruned,
                        tags={"trial_state": state}, metrics=metrics)
 
     return verdict
@@ -104,9 +97,8 @@ def run_trial(
     values = {k: decode(v) for k, v in values.items()}
     config = space.trial_config(values, seed, number, epochs)
     hook = PruningHook(space.metric, report) if report else None
-    trainer = FoldTrainer(space.folds, number) if space.folds else None
-    tags = {"trial_number": number, "engine": engine, "trial_state": "RUNNING",
-            **({"validation_folds": space.folds} if space.folds else {})}
+    validation = space.validation.for_run(number)
+    tags = {"trial_number": number, "engine": engine, "trial_state": "RUNNING"}
     started: list[str] = []
 
     def start(run_id: str) -> None:
@@ -116,12 +108,12 @@ def run_trial(
 
     try:
         run_id, result, verdict = tracked_run(
-            config, data, name=f"trial-{number}", judge=judge(space, hook, trainer), tags=tags,
+            config, data, name=f"trial-{number}", judge=judge(space, hook, validation), tags=tags,
             params={f"sampled.{k}": json.dumps(v) if isinstance(v, list) else v
                     for k, v in values.items()},
             callbacks=[hook] if hook else [], parent_run_id=parent_run_id,
             experiment_id=experiment_id, on_start=start, verbose=2 if console.verbose() else 0,
-            fit=trainer, folds=space.folds or 0,
+            validation=validation,
         )
         outcome = Outcome(verdict.tags["trial_state"], verdict.metrics.get("objective"), run_id,
                           result.epochs_trained, verdict.tags.get("error"))

@@ -1,0 +1,84 @@
+"""One holdout split and K folds: two ways of validating that keep one contract."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from digitlab import config, data, validation
+from digitlab.errors import ConfigError, UserError
+
+
+def tiny_config():
+    cfg = config.load_experiment("basic_cnn", {"model.blocks.0.filters": [4, 8], "model.dense_units": [16],
+                                                "training.epochs": 1, "training.batch_size": 32})
+    return dataclasses.replace(cfg, seed=3)
+
+
+def as_run(tags: dict, run_id: str = "r1"):
+    """What `from_run` reads of an MLflow run: its tags (all strings, as MLflow keeps them)."""
+    return SimpleNamespace(data=SimpleNamespace(tags={k: str(v) for k, v in tags.items()}),
+                           info=SimpleNamespace(run_id=run_id))
+
+
+@pytest.mark.parametrize("way", [validation.Holdout(), validation.KFold(3)], ids=["holdout", "3 folds"])
+def test_each_way_keeps_the_contract(way, tiny_dir):
+    dataset = data.load(tiny_dir)
+    cfg = tiny_config()
+    way = way.for_run("t")
+    way.check(dataset, cfg)
+
+    # fit trains through train.run and says which labelled rows it held out
+    result = way.fit(cfg, dataset, verbose=0)
+    rows = result.split.val_rows
+    assert len(rows) == len(result.split.val_labels) == len(result.val_probabilities)
+    assert np.array_equal(dataset.train_labels[rows], result.split.val_labels)
+    assert result.val_probabilities.shape == (len(rows), 10)
+
+    # what a run records is enough to rebuild the same way from its tags
+    tags = way.tags(cfg)
+    assert int(tags["split_seed"]) == cfg.split_seed
+    rebuilt = validation.from_run(as_run(tags))
+    assert type(rebuilt) is type(way) and rebuilt.models_per_run == way.models_per_run
+    parts, key = way.datasets(cfg, dataset)
+    assert "training" in parts and str(cfg.split_seed) in key
+
+    # scoring the models it trained on what they held out gives the run's own accuracy
+    models = way.trainer.results if isinstance(way, validation.KFold) else [result]
+    groups = [[r.model for r in models]]
+    accuracy = rebuilt.score(groups, dataset, tta=False)
+    assert accuracy == pytest.approx(result.val_accuracy, abs=1e-6)
+
+    # how a study of such runs is ranked, resumed, described and reproduced
+    assert rebuilt.scored_by("val_accuracy") in ("val_accuracy", "oof_accuracy")
+    assert rebuilt.objective_problem("val_accuracy") is None
+    assert isinstance(rebuilt.fingerprint(), dict) and isinstance(rebuilt.options(), list)
+    assert set(way.scores(result)) <= {"oof_accuracy", "oof_crossentropy"}
+
+
+def test_an_ensemble_needs_one_way_of_validating():
+    single = as_run({"split_seed": 1, "validation_fraction": 0.1})
+    folded = as_run({"split_seed": 1, "validation_folds": 3}, "r2")
+    assert validation.from_runs([single, single]) == validation.Holdout(0.1, 1)
+    with pytest.raises(UserError, match="validated differently"):
+        validation.from_runs([single, folded])
+    with pytest.raises(UserError, match="records no validation split"):
+        validation.from_run(as_run({"split_seed": 1}))
+    assert validation.from_run(as_run({"refit_of": "x", "split_seed": 1})) == validation.AllImages()
+
+
+def test_the_search_file_section_and_the_option():
+    assert validation.folds_of({}, None, "s.yaml") == 0
+    assert validation.folds_of({"folds": 5}, None, "s.yaml") == 5
+    assert validation.folds_of({"folds": 5}, 3, "s.yaml") == 3
+    for bad in ({"folds": 1}, {"folds": True}, {"folds": -2}):
+        with pytest.raises(ConfigError, match="validation.folds must be a whole number"):
+            validation.folds_of(bad, None, "s.yaml")
+    with pytest.raises(ConfigError, match="unknown option validation.fold"):
+        validation.folds_of({"fold": 3}, None, "s.yaml")
+    with pytest.raises(UserError, match="--folds must be at least 2"):
+        validation.check_folds_option(1)
+    assert validation.of(0) == validation.Holdout() and validation.of(4) == validation.KFold(4)
