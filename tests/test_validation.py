@@ -82,3 +82,22 @@ def test_the_search_file_section_and_the_option():
     with pytest.raises(UserError, match="--folds must be at least 2"):
         validation.check_folds_option(1)
     assert validation.of(0) == validation.Holdout() and validation.of(4) == validation.KFold(4)
+
+
+def test_the_promotion_policy_is_typed(workdir):
+    """registry/policy.yaml is built like an experiment file: a wrong type or an unknown
+    key is a one-line error naming the file."""
+    from digitlab import registry
+
+    assert registry.policy().auto_ensemble_max == 10  # the shipped file
+    (workdir / "registry").mkdir()
+    policy_file = workdir / "registry" / "policy.yaml"
+    policy_file.write_text("min_delta: 0.002\nauto_ensemble_max: 4\n")
+    assert (registry.policy().min_delta, registry.policy().auto_ensemble_max) == (0.002, 4)
+    for text, message in (("min_delta: lots\n", "min_delta: expected float, got 'lots'"),
+                          ("gate: strict\n", "unknown key 'gate'"),
+                          ("auto_ensemble_max: 0\n", "auto_ensemble_max must be at least 1")):
+        policy_file.write_text(text)
+        with pytest.raises(UserError, match=message) as refused:
+            registry.policy()
+        assert str(refused.value).startswith("registry/policy.yaml: ") and "\n" not in str(refused.value)

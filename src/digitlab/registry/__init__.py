@@ -4,56 +4,33 @@ through the serving path, register a version, load-check it, gate it, move the a
 - `selection`: which runs (the top trials by `search.ranking`, or one named run);
 - `packaging`: the serving model, its evaluation (shared with `digitlab submit`), the
   registered version and its load check;
-- `aliases`: the gate, `production` / `previous`, rollback.
-
-The policy (model name, gate, aliases, inference batch) is read from
-`registry/policy.yaml` (the working directory's, else the shipped one).
+- `aliases`: the gate, `production` / `previous`, rollback;
+- `ensemble`: `--ensemble auto`, greedy selection over the trials' stored predictions;
+- `promotion_policy`: `registry/policy.yaml` (model name, gate, aliases, inference
+  batch), typed.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-import yaml
 from mlflow import MlflowClient
 
 from digitlab import data as data_mod
 from digitlab.errors import UserError
-from digitlab.registry import aliases, packaging, selection
+from digitlab.registry import aliases, packaging, promotion_policy, selection
 from digitlab.registry import ensemble as ensemble_mod
 from digitlab.registry.aliases import comparable, rollback
 from digitlab.registry.packaging import keras_file, predict_labels, register, to_rows
+from digitlab.registry.promotion_policy import Policy
 from digitlab.search.ranking import latest_search_run, ranked_trials
 
 log = logging.getLogger("digitlab.registry")
 
 
-@dataclass(frozen=True)
-class Policy:
-    model_name: str = "digit-recognizer"
-    production_alias: str = "production"
-    previous_alias: str = "previous"
-    min_delta: float = 0.0
-    load_check_rows: int = 5
-    submission_path: str = "submissions/submission.csv"
-    predict_batch_size: int = 4096  # rows per prediction batch (serving, submit)
-    auto_ensemble_max: int = 10  # `--ensemble auto` picks at most this many (with repeats)
-
-
 def policy() -> Policy:
-    """registry/policy.yaml of the working directory, else the shipped one."""
-    from digitlab import resources
-
-    path = resources.optional("registry", "policy.yaml")
-    if path is None:
-        return Policy()
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = set(Policy.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    return Policy(**raw)
+    """registry/policy.yaml of the working directory, else the shipped one (typed)."""
+    return promotion_policy.load()
 
 
 def promote(dataset: data_mod.DigitData, pol: Policy, search_run_id: str | None = None,
