@@ -156,7 +156,7 @@ def test_folds_on_the_command_line_make_a_study_of_their_own(workdir, tiny_dir):
     kfold = search.make_settings(str(path), folds=3)
     assert (single.validation, kfold.validation) == (Holdout(), KFold(3))
     assert single.study == "space-optuna" and kfold.study == "space-optuna-3fold"
-    assert single.space.fingerprint() != kfold.space.fingerprint()
+    assert single.study_file.fingerprint() != kfold.study_file.fingerprint()
 
 
 @pytest.mark.slow

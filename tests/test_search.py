@@ -225,7 +225,7 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
         def finished(self):
             return 3
 
-    settings = search.Settings(space=space.load(space_file), engine="optuna", study="s",
+    settings = search.Settings(study_file=space.load(space_file), engine="optuna", study="s",
                                storage=None, workers=1, data_dir=None, seed=1)
     plan = Plan(epoch_seconds=1.0, epochs=2, first_rung=1, runs_per_trial=1, epoch_images=270,
                 train_images=270)
@@ -233,7 +233,7 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
     # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation cross-entropy.
     assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
     # a K-fold study's objective is the out-of-fold score, and the bar says so
-    kfold = dataclasses.replace(settings, space=dataclasses.replace(settings.space, folds=3))
+    kfold = dataclasses.replace(settings, study_file=dataclasses.replace(settings.study_file, folds=3))
     runner.Progress(ThreeFinished(), kfold, parent, plan).close()
     assert "best oof_accuracy=0.9900, trial=2" in capsys.readouterr().err
 
@@ -243,7 +243,7 @@ def test_search_plots_number_trials_as_the_runs_do(workdir, space_file):
     from digitlab import search
     from digitlab.search import report, space
 
-    settings = search.Settings(space=space.load(space_file), engine="optuna", study="s",
+    settings = search.Settings(study_file=space.load(space_file), engine="optuna", study="s",
                                storage=None, workers=1, data_dir=None, seed=1)
     sampled = {"params.model.dropout": 0.2, "params.optimizer.learning_rate": 0.003}
     rows = [{"number": 3, "state": "COMPLETE", "value": 0.9, **sampled},
@@ -415,7 +415,7 @@ def test_median_pruner_judges_from_min_epochs(workdir, min_epochs):
 
     path = workdir / "median.yaml"
     path.write_text(SPACE.replace("pruner: none", f"pruner: median, min_epochs: {min_epochs}"))
-    settings = search.Settings(space=space.load(path), engine="optuna", study="s", storage=None,
+    settings = search.Settings(study_file=space.load(path), engine="optuna", study="s", storage=None,
                                workers=1, data_dir=None, seed=1)
     study = optuna.create_study(direction="maximize", pruner=optuna_engine._pruner(settings))
     for _ in range(3):  # the pruner's startup trials, all good from the first epoch

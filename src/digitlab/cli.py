@@ -107,8 +107,8 @@ def cmd_search(args) -> int:
     )
 
     def check(dataset) -> None:
-        for name in settings.space.experiments:
-            settings.validation.check(dataset, config.load_experiment(name, settings.space.fixed))
+        for name in settings.study_file.experiments:
+            settings.validation.check(dataset, config.load_experiment(name, settings.study_file.fixed))
 
     dataset = data.load(settings.data_dir, check)
     console.import_backend()
@@ -122,7 +122,7 @@ def cmd_search(args) -> int:
         # Said here because `promote --ensemble K` needs K completed trials, and on a slow
         # machine the budget may complete fewer: running the search again adds more.
         completed = summary["states"].get("COMPLETE", 0)
-        print(f"time budget of {settings.space.minutes:g} minutes used up before all "
+        print(f"time budget of {settings.study_file.minutes:g} minutes used up before all "
               f"{settings.trials} trials, {completed} completed (an ensemble of K needs K); "
               "the same command goes on with the study")
     if not best:  # nothing to promote: a failed search, as Optuna users expect
@@ -130,7 +130,7 @@ def cmd_search(args) -> int:
 
         print(f"digitlab: {report.nothing_completed(summary['rows'])}", file=sys.stderr)
         return 1
-    metric = settings.space.scored_by + settings.validation.short()
+    metric = settings.study_file.scored_by + settings.validation.short()
     print(f"best trial {best['number']}: {metric} {best['value']:.4f} (MLflow run {best['run_id']})")
     if refitted := summary.get("refit_run_id"):
         print(f"refitted trial {best['number']} on every labelled image: MLflow run {refitted}")

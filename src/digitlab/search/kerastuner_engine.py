@@ -32,7 +32,7 @@ class OutOfTime(Exception):
 def _oracle(settings: Settings):
     import keras_tuner as kt
 
-    space = settings.space
+    space = settings.study_file
     common = dict(
         objective=kt.Objective(space.metric, "max" if space.direction == "maximize" else "min"),
         hyperparameters=params.kerastuner_hyperparameters(space.params),
@@ -106,10 +106,10 @@ class KerasTunerEngine:
         osutil.atomic_write(self.sidecar, json.dumps(self.state, indent=1))
 
     def check_compatible(self) -> None:
-        fingerprint = self.settings.space.fingerprint()
+        fingerprint = self.settings.study_file.fingerprint()
         if "space_fingerprint" not in self.state:
-            self.state.update(space_fingerprint=fingerprint, space_path=self.settings.space.path,
-                              direction=self.settings.space.direction, runs={})
+            self.state.update(space_fingerprint=fingerprint, space_path=self.settings.study_file.path,
+                              direction=self.settings.study_file.direction, runs={})
             self._save()
         elif self.state["space_fingerprint"] != fingerprint:
             raise UserError(
@@ -158,7 +158,7 @@ class KerasTunerEngine:
             raise
 
     def _run(self, trial) -> dict[str, float]:
-        space = self.settings.space
+        space = self.settings.study_file
         values = {p.key: params.rounded(trial.hyperparameters.get(p.key)) for p in space.params}
         epochs = trial.hyperparameters.values.get("tuner/epochs")
         log.info("trial %s: %s%s", trial.trial_id, console.values(values),
@@ -195,6 +195,6 @@ class KerasTunerEngine:
                 "run_id": self.state.get("runs", {}).get(t.trial_id),
                 "fail_reason": (t.message or "").strip().splitlines()[-1] if t.message else None,
                 "retry_of": self.state.get("interrupted", {}).get(t.trial_id),
-                **{f"params.{p.key}": values.get(p.key) for p in self.settings.space.params},
+                **{f"params.{p.key}": values.get(p.key) for p in self.settings.study_file.params},
             })
         return rows

@@ -50,7 +50,7 @@ def _sampler(settings: Settings, trial_number: int) -> optuna.samplers.BaseSampl
     very values of the trials before it.
     """
     seed = int(np.random.SeedSequence([settings.seed % 2**32, trial_number]).generate_state(1)[0])
-    if settings.space.sampler == "random":
+    if settings.study_file.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     startup = min(10, max(3, settings.trials // 3))
     # constant_liar (Optuna 5's default, named so it stays): trials still running on other
@@ -59,12 +59,12 @@ def _sampler(settings: Settings, trial_number: int) -> optuna.samplers.BaseSampl
 
 
 def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
-    if settings.space.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=settings.space.min_epochs,
+    if settings.study_file.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=settings.study_file.min_epochs,
                                               max_resource=settings.max_epochs, reduction_factor=3)
-    if settings.space.pruner == "median":
+    if settings.study_file.pruner == "median":
         # Steps are epochs counted from 1, so the first judgement comes after min_epochs epochs.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings.space.min_epochs)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings.study_file.min_epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -87,7 +87,7 @@ class OptunaEngine:
             study_name=settings.study,
             sampler=_sampler(settings, 0),  # replaced for each trial (work)
             pruner=_pruner(settings),
-            direction=settings.space.direction,
+            direction=settings.study_file.direction,
             load_if_exists=True,
         )
 
@@ -96,7 +96,7 @@ class OptunaEngine:
     def check_compatible(self) -> None:
         """A resumed study must have the same space and direction; a new one records them."""
         attrs = self.study.user_attrs
-        space = self.settings.space
+        space = self.settings.study_file
         if "space_fingerprint" not in attrs:
             self.study.set_user_attr("space_fingerprint", space.fingerprint())
             self.study.set_user_attr("space_path", space.path)
@@ -181,7 +181,7 @@ class OptunaEngine:
     # --- the worker loop ---------------------------------------------------------
 
     def work(self, data, parent_run_id: str, experiment_id: str) -> None:
-        space = self.settings.space
+        space = self.settings.study_file
         failures_in_a_row = 0
         while (trial := self._reserve()) is not None:
             # Values are drawn when suggested, by the study's sampler at that moment.

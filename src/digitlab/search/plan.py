@@ -81,7 +81,7 @@ def measure(settings: Settings, data: DigitData) -> Plan:
     from digitlab import data as data_mod
     from digitlab import train
 
-    space = settings.space
+    space = settings.study_file
     config = space.trial_config(dict(space.start), settings.seed, 0)
     t = config.training
     k = space.validation.models_per_run
@@ -107,5 +107,5 @@ def measure(settings: Settings, data: DigitData) -> Plan:
 def stops_early(settings: Settings) -> bool:
     """Whether the engine stops trials before their last epoch (a pruner, or Hyperband)."""
     if settings.engine == "optuna":
-        return settings.space.pruner != "none"
-    return settings.space.tuner == "hyperband"
+        return settings.study_file.pruner != "none"
+    return settings.study_file.tuner == "hyperband"

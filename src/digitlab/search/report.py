@@ -41,7 +41,7 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
     else:
         experiment_id = store.experiment_id()
         run_id = client.create_run(experiment_id, run_name=settings.study).info.run_id
-    space = settings.space
+    space = settings.study_file
     # `mlflow run` has already logged its -P parameters (with their raw values) here
     already = client.get_run(run_id).data.params
     for key, value in {
@@ -49,7 +49,7 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
         "experiments": ",".join(space.experiments), "objective.metric": space.metric,
         "objective.direction": space.direction, "budget.trials": settings.trials,
         "budget.max_epochs": settings.max_epochs,
-        "budget.minutes": settings.space.minutes or "none", "seed": settings.seed,
+        "budget.minutes": settings.study_file.minutes or "none", "seed": settings.seed,
         "storage": redact(settings.storage) if settings.storage else "default",
         "workers": settings.workers,
         "optuna.sampler": space.sampler, "optuna.pruner": space.pruner,
@@ -82,7 +82,7 @@ def reproduce_command(settings: Settings) -> str:
     """The command that runs this study again (or resumes it: the same study name)."""
     import shlex
 
-    space = settings.space
+    space = settings.study_file
     words = ["digitlab", "search", "--space", space.path, "--engine", settings.engine,
              "--trials", str(settings.trials), "--max-epochs", str(settings.max_epochs)]
     if space.minutes:
@@ -106,7 +106,7 @@ def _range(p: Param) -> str:
 
 def describe(settings: Settings, best: dict | None = None) -> str:
     """The parent run's description (Markdown): what the study searches, how, and its best."""
-    space = settings.space
+    space = settings.study_file
     engine = (f"Optuna, {space.sampler} sampler, {space.pruner} pruner" if settings.engine == "optuna"
               else f"KerasTuner, {space.tuner} tuner")
     budget = f"{settings.trials} trials of up to {settings.max_epochs} epochs"
@@ -163,8 +163,8 @@ def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
     as the MLflow runs and the trials table do; only completed trials carry a value.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=settings.space.direction)
-    distributions = {p.key: params.optuna_distribution(p) for p in settings.space.params}
+    study = optuna.create_study(direction=settings.study_file.direction)
+    distributions = {p.key: params.optuna_distribution(p) for p in settings.study_file.params}
     states = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
     for row in sorted(rows, key=lambda r: r["number"]):
         # A number without a row (e.g. a trial still queued) keeps its place as a FAIL.
@@ -184,7 +184,7 @@ def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
 def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str = "FINISHED") -> dict:
     """Log the trials table, the plots and the best trial to the parent run; end it."""
     client = MlflowClient()
-    space = settings.space
+    space = settings.study_file
     table = pd.DataFrame(rows).sort_values("number") if rows else pd.DataFrame()
     if not table.empty:
         client.log_text(parent_run_id, table.to_csv(index=False), "trials.csv")

@@ -38,8 +38,8 @@ class Progress:
     def __init__(self, engine, settings: Settings, parent_run_id: str, plan: plan_mod.Plan) -> None:
         from tqdm import tqdm
 
-        self.engine, self.metric, self.parent_run_id = engine, settings.space.scored_by, parent_run_id
-        self.plan, self.minutes, self.started = plan, settings.space.minutes, time.time()
+        self.engine, self.metric, self.parent_run_id = engine, settings.study_file.scored_by, parent_run_id
+        self.plan, self.minutes, self.started = plan, settings.study_file.minutes, time.time()
         self.bar = tqdm(total=settings.trials, initial=engine.finished(), unit="trial",
                         desc=f"search {settings.study}", dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n:.1f}/{total} trials [{elapsed}{postfix}]")
@@ -104,8 +104,8 @@ def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> 
     this call began (every worker still runs one); the study stays open, and the
     same command goes on with it for as many minutes again.
     """
-    if settings.space.minutes:
-        settings = dataclasses.replace(settings, deadline=time.time() + 60 * settings.space.minutes)
+    if settings.study_file.minutes:
+        settings = dataclasses.replace(settings, deadline=time.time() + 60 * settings.study_file.minutes)
     if dataset is None:
         dataset = data_mod.load(settings.data_dir)
     store.configure()  # an unreachable tracking server stops us before the study exists
@@ -118,7 +118,7 @@ def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> 
         report.point_to_parent(engine.parent_run_id)
         return {"already_finished": True}
     plan = plan_mod.measure(settings, dataset)
-    plan_line = plan.line(settings.space.minutes)
+    plan_line = plan.line(settings.study_file.minutes)
     log.info("%s", plan_line)
     with engine.lock():  # workers starting together on several machines share one parent run
         parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
@@ -146,7 +146,7 @@ def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> 
         summary = report.finish(settings, parent_run_id, rows, status=status)
     summary.update(parent_run_id=parent_run_id, study=settings.study, rows=rows,
                    out_of_time=settings.out_of_time() and engine.finished() < settings.trials)
-    if settings.space.refit and summary["best"]:
+    if settings.study_file.refit and summary["best"]:
         # The study's `refit: true`: the best trial, trained again on every labelled image,
         # nested under it; `digitlab promote --refit` finds and registers this run.
         from digitlab import refit

@@ -15,7 +15,7 @@ ENGINES = ("optuna", "kerastuner")
 
 @dataclass(frozen=True)
 class Settings:
-    space: StudyFile  # with any --trials / --max-epochs already applied to its budget
+    study_file: StudyFile  # the search file, with any --trials / --max-epochs already applied to its budget
     engine: str
     study: str
     storage: str | None
@@ -30,16 +30,16 @@ class Settings:
 
     @property
     def trials(self) -> int:
-        return self.space.trials
+        return self.study_file.trials
 
     @property
     def max_epochs(self) -> int:
-        return self.space.max_epochs
+        return self.study_file.max_epochs
 
     @property
     def validation(self) -> validation.Holdout | validation.KFold:
         """How trials are validated: one split, or K folds (the file's or --folds)."""
-        return self.space.validation
+        return self.study_file.validation
 
 
 def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
@@ -65,5 +65,5 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
     # A K-fold study of a file is another study than its single-split one (their objectives
     # differ), so by default it gets a name of its own and neither resumes the other.
     default = f"{space.name}-{engine}{space.validation.study_suffix()}"
-    return Settings(space=space, engine=engine, study=study or default,
+    return Settings(study_file=space, engine=engine, study=study or default,
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed)
