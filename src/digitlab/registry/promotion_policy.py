@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import yaml
-
 from digitlab.errors import ConfigError, UserError
 
 
@@ -26,17 +24,12 @@ class Policy:
 
 def load() -> Policy:
     """registry/policy.yaml of the working directory, else the shipped one."""
-    from digitlab import resources, typed
+    from digitlab import config, resources, typed
 
     path = resources.optional("registry", "policy.yaml")
     if path is None:
         return Policy()
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of policy keys, got {type(raw).__name__}")
+    raw = config.read_mapping(path)  # as experiment and search files are read
     try:
         policy = typed.build(Policy, raw, "")
     except ConfigError as exc:  # "min_delta: expected float, ..." / ": unknown key ..."
