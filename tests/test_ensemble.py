@@ -46,6 +46,20 @@ def test_greedy_stops_at_the_best_single_model_when_nothing_helps():
     assert sum(ensemble.greedy([worse, worse], labels, max_size=3)) == 1  # no gain from repeats
 
 
+def test_equal_weights_are_the_plain_average_and_the_same_version():
+    """`auto` picking one trial alone (weight 1), or several evenly, is the model that
+    `--run` registers: the same source key, so promote finds that version again."""
+    from types import SimpleNamespace
+
+    from digitlab.registry import packaging
+
+    runs = [SimpleNamespace(info=SimpleNamespace(run_id=r)) for r in ("a", "b")]
+    assert packaging.source_key(runs[:1], False, [1.0]) == packaging.source_key(runs[:1], False)
+    assert packaging.source_key(runs, True, [0.5, 0.5]) == packaging.source_key(runs, True)
+    assert packaging.source_key(runs, True, [0.75, 0.25]) != packaging.source_key(runs, True)
+    assert packaging.unequal([0.75, 0.25]) == [0.75, 0.25] and packaging.unequal([1.0]) is None
+
+
 def test_ensemble_auto_through_promote_submit_and_serving(workdir, tiny_dir, capsys):
     (workdir / "space.yaml").write_text(TINY_SPACE.replace("trials: 3", "trials: 4"))
     data = ["--data-dir", str(tiny_dir)]

@@ -121,8 +121,16 @@ def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_m
     return metrics
 
 
+def unequal(weights: list[float] | None) -> list[float] | None:
+    """`weights` if they differ; equal ones are the plain average, the same model as a
+    version of these members without weights (so `--ensemble auto` picking one trial alone
+    finds the version that `--run` registered, and registers no second copy)."""
+    return weights if weights and len({round(w, 9) for w in weights}) > 1 else None
+
+
 def source_key(members: list[Run], tta: bool, weights: list[float] | None = None) -> str:
     key = ",".join(r.info.run_id for r in members) + f"|tta={int(tta)}"
+    weights = unequal(weights)
     return key + (f"|weights={','.join(f'{w:.6g}' for w in weights)}" if weights else "")
 
 
@@ -199,7 +207,8 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                 # input example documents the format.
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=serving.__file__, artifacts=artifacts,
-                    model_config={"tta": tta, **({"weights": model_weights} if weights else {})},
+                    model_config={"tta": tta,
+                                  **({"weights": model_weights} if unequal(weights) else {})},
                     input_example=example,
                     signature=infer_signature(None, pd.DataFrame(
                         {"label": [0], **{f"prob_{k}": [0.1] for k in range(10)}}).astype(
