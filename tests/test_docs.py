@@ -277,5 +277,17 @@ def test_configuration_page_covers_every_key_with_a_meaning():
     page = (REPO / "docs" / "configuration.md").read_text()
     for key in listed:
         assert f"| `{key}` |" in page, f"docs/configuration.md has no row for {key}"
+    # The search file's keys, from its dataclasses: every section expanded, each with a meaning.
+    from digitlab.search import space
+
+    search_rows = config_reference.rows(space.StudyFile)
+    assert {"experiments", "objective.metric", "budget.minutes", "optuna.pruner", "kerastuner.tuner",
+            "validation.folds", "space", "start"} <= {key for key, *_ in search_rows}
+    assert "path" not in {key for key, *_ in search_rows}  # set by the loader, not a key
+    undocumented = [key for key, _, _, meaning in search_rows if not meaning]
+    assert not undocumented, f"fields without a comment in search/space.py: {undocumented}"
+    search_part = page.split("## Search files", 1)[1]
+    for key, *_ in search_rows:
+        assert f"| `{key}` |" in search_part, f"docs/configuration.md has no row for search key {key}"
     assert "experiments/NAME.yaml" in page and "`digit-recognizer`" in page  # both "experiments"
     assert Path(REPO / "README.md").read_text().count("docs/configuration.md") >= 1

@@ -131,7 +131,7 @@ def test_a_pruned_kfold_trial_trains_no_further_fold(workdir, tiny_dir, kfold_fi
 @pytest.mark.parametrize("option, content, message", [
     (["--folds", "1"], KFOLD_SPACE, "--folds must be at least 2"),
     ([], KFOLD_SPACE.replace("folds: 3", "folds: 1"), "validation.folds must be a whole number"),
-    ([], KFOLD_SPACE.replace("folds: 3", "k: 3"), "unknown option validation.k"),
+    ([], KFOLD_SPACE.replace("folds: 3", "k: 3"), "validation: unknown key 'k'"),
     (["--folds", "3"], TINY_SPACE.replace("metric: val_accuracy", "metric: val_loss")
      .replace("maximize", "minimize"), "objective.metric must be val_accuracy or val_crossentropy"),
     (["--folds", "31"], TINY_SPACE, "digit 0 has 30 training images; 31-fold validation"),

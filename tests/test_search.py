@@ -233,7 +233,8 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
     # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation cross-entropy.
     assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
     # a K-fold study's objective is the out-of-fold score, and the bar says so
-    kfold = dataclasses.replace(settings, study_file=dataclasses.replace(settings.study_file, folds=3))
+    folded = dataclasses.replace(settings.study_file, validation=space.ValidationOptions(folds=3))
+    kfold = dataclasses.replace(settings, study_file=folded)
     runner.Progress(ThreeFinished(), kfold, parent, plan).close()
     assert "best oof_accuracy=0.9900, trial=2" in capsys.readouterr().err
 

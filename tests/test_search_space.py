@@ -27,7 +27,7 @@ def test_shipped_space_files_load(workdir):
 
     for path in sorted((REPO / "search").glob("*.yaml")):
         s = space.load(path)
-        assert s.trials >= 1 and s.params, path
+        assert s.budget.trials >= 1 and s.params, path
 
 
 def test_a_space_file_loads_with_all_range_kinds(workdir):
@@ -66,14 +66,20 @@ def test_several_experiments_make_the_architecture_a_parameter(workdir):
         (("metric: val_accuracy", "metric: f1"), "objective.metric must be one of"),
         (("trials: 3", "trials: 0"), "budget.trials must be a positive integer"),
         (("trials: 3", "trials: 3, minutes: 0"), "budget.minutes must be a positive number"),
-        (("trials: 3", "trials: 3, minutes: soon"), "budget.minutes must be a positive number"),
+        (("trials: 3", "trials: 3, minutes: soon"), "budget.minutes: 'soon' is not a float"),
+        (("trials: 3", "trials: 2.5"), "budget.trials: expected int, got 2.5"),
+        (("trials: 3", "trials: 3, epochs: 4"), r"budget: unknown key 'epochs' \(known: epoch_images, "),
+        (("objective:", "objectives:"), r": unknown key 'objectives' \(known: budget, description, "),
+        (("[basic_cnn]", "[]"), "experiments must name one experiment or a list of them"),
+        (("experiments: [basic_cnn]\n", ""), "missing key 'experiments'"),
+        (("[basic_cnn]", "{name: basic_cnn}"), "experiments: expected a list"),
         (("max_epochs: 2", "max_epochs: 2}\noptuna: {min_epochs: 3"),
          "optuna.min_epochs must be an integer from 1 to budget.max_epochs"),
         (("space:", "start: {model.l2: 0.001}\nspace:"), "start.model.l2 is not a parameter of the space"),
         (("space:", "start: {model.dropout: 0.6}\nspace:"), "start.model.dropout = 0.6 is not a value of"),
         (("space:", "start: {model.width: 0.6}\nspace:"), "start.model.width = 0.6 is not a value of"),
         (("space:", "start: {augmentation.enabled: maybe}\nspace:"), "start.augmentation.enabled = 'maybe'"),
-        (("space:", "start: [0.3]\nspace:"), "start must be a mapping"),
+        (("space:", "start: [0.3]\nspace:"), "start: expected a mapping, got \\[0.3\\]"),
         (("[basic_cnn]", "[no_such_model]"), "experiment 'no_such_model' not found"),
     ],
 )
@@ -127,3 +133,18 @@ def test_objective_is_the_score_of_the_model_the_trial_keeps(workdir):
     assert objective_value(s, result) == 0.4
     result.history["val_loss"][-1] = float("nan")
     assert objective_value(s, result) is None
+
+
+def test_a_minimal_file_takes_the_one_set_of_defaults(workdir):
+    """Every section is optional (empty is the same as absent), and its defaults are the
+    dataclasses' own: there is no second copy of them in the loader."""
+    s = space.load(write(workdir, "experiment: basic_cnn\noptuna:\nspace:\n"
+                                  "  model.dropout: {type: float, low: 0.1, high: 0.5}\n"))
+    assert s.experiments == ["basic_cnn"] and s.name == "s"
+    assert (s.objective, s.budget, s.optuna, s.kerastuner, s.validation) == (
+        space.Objective(), space.Budget(), space.OptunaOptions(), space.KerasTunerOptions(),
+        space.ValidationOptions())
+    assert (s.max_consecutive_failures, s.refit, s.fixed, s.start) == (3, False, {}, {})
+    overridden = space.load(s.path, {"trials": 7, "minutes": 2.5}, folds=4)
+    assert (overridden.budget.trials, overridden.budget.minutes, overridden.budget.max_epochs) == (7, 2.5, 10)
+    assert overridden.validation.folds == 4

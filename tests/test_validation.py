@@ -70,15 +70,26 @@ def test_an_ensemble_needs_one_way_of_validating():
     assert validation.from_run(as_run({"refit_of": "x", "split_seed": 1})) == validation.AllImages()
 
 
-def test_the_search_file_section_and_the_option():
-    assert validation.folds_of({}, None, "s.yaml") == 0
-    assert validation.folds_of({"folds": 5}, None, "s.yaml") == 5
-    assert validation.folds_of({"folds": 5}, 3, "s.yaml") == 3
-    for bad in ({"folds": 1}, {"folds": True}, {"folds": -2}):
-        with pytest.raises(ConfigError, match="validation.folds must be a whole number"):
-            validation.folds_of(bad, None, "s.yaml")
-    with pytest.raises(ConfigError, match="unknown option validation.fold"):
-        validation.folds_of({"fold": 3}, None, "s.yaml")
+def test_the_search_file_section_and_the_option(workdir):
+    """`validation: {folds: K}` is a typed section of the search file; --folds replaces it."""
+    from digitlab.search import space
+
+    path = workdir / "s.yaml"
+    base = "experiments: [basic_cnn]\nspace: {model.dropout: {type: float, low: 0.1, high: 0.5}}\n"
+    path.write_text(base)
+    assert space.load(path).validator == validation.Holdout()
+    path.write_text(base + "validation: {folds: 5}\n")
+    assert space.load(path).validator == validation.KFold(5)
+    assert space.load(path, folds=3).validator == validation.KFold(3)
+    for bad, message in (("1", "validation.folds must be a whole number of at least 2"),
+                         ("true", "validation.folds: expected int, got True"),
+                         ("-2", "validation.folds must be a whole number")):
+        path.write_text(base + f"validation: {{folds: {bad}}}\n")
+        with pytest.raises(ConfigError, match=f"^{path}: {message}"):
+            space.load(path)
+    path.write_text(base + "validation: {fold: 3}\n")
+    with pytest.raises(ConfigError, match=r"validation: unknown key 'fold' \(known: folds\)"):
+        space.load(path)
     with pytest.raises(UserError, match="--folds must be at least 2"):
         validation.check_folds_option(1)
     assert validation.of(0) == validation.Holdout() and validation.of(4) == validation.KFold(4)

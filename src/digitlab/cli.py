@@ -122,7 +122,7 @@ def cmd_search(args) -> int:
         # Said here because `promote --ensemble K` needs K completed trials, and on a slow
         # machine the budget may complete fewer: running the search again adds more.
         completed = summary["states"].get("COMPLETE", 0)
-        print(f"time budget of {settings.study_file.minutes:g} minutes used up before all "
+        print(f"time budget of {settings.study_file.budget.minutes:g} minutes used up before all "
               f"{settings.trials} trials, {completed} completed (an ensemble of K needs K); "
               "the same command goes on with the study")
     if not best:  # nothing to promote: a failed search, as Optuna users expect

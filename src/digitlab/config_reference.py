@@ -1,8 +1,9 @@
-"""docs/configuration.md, generated from the experiment dataclasses in `config.py`.
+"""docs/configuration.md, generated from the experiment dataclasses in `config.py` and the
+search file's in `search/space.py`.
 
 Every key is listed in the dotted form that `--set`, experiment files and search spaces
 use, with its type, its default and its meaning: the comment on (or just above) the
-field in `config.py`, so the page and the code cannot say different things.
+field, so the page and the code cannot say different things.
 `python -m digitlab.config_reference > docs/configuration.md` regenerates it, and a
 test fails when the checked-in page differs from what this prints.
 """
@@ -15,12 +16,14 @@ import io
 import tokenize
 import typing
 
-from digitlab import config
+from digitlab import config, typed
+from digitlab.search import space
 
 HEADER = """\
 # Experiment configuration
 
-*Generated from the dataclasses in `src/digitlab/config.py` and their comments by
+*Generated from the dataclasses in `src/digitlab/config.py` and
+`src/digitlab/search/space.py` and their comments by
 `python -m digitlab.config_reference > docs/configuration.md`: edit the comments there and
 run that command, not this page (a test fails when the two differ).*
 
@@ -52,6 +55,19 @@ model:
 training:
   epochs: 10
 ```
+
+| key | type | default | meaning |
+| --- | --- | --- | --- |
+"""
+
+
+SEARCH_HEADER = """
+## Search files
+
+A search file (`search/NAME.yaml`, looked up like an experiment file; `digitlab search
+--space NAME`) is built the same way: nested sections, every one optional but
+`experiments`, an unknown key or a wrong type an error. docs/searching.md shows a whole
+file and what each engine does with it.
 
 | key | type | default | meaning |
 | --- | --- | --- | --- |
@@ -92,6 +108,8 @@ def _type_text(tp) -> str:
         return f"list of {_type_text(item)}"
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         return " or ".join("null" if a is type(None) else _type_text(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -117,6 +135,8 @@ def rows(cls: type = config.ExperimentConfig, prefix: str = "") -> list[tuple[st
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get(typed.NOT_A_KEY):
+            continue
         key, tp = f"{prefix}{f.name}", hints[f.name]
         meaning = comments.get(f.name, "")
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
@@ -134,8 +154,10 @@ def render() -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    table = "".join(f"| `{k}` | {cell(t)} | `{d}` | {cell(m)} |\n" for k, t, d, m in rows())
-    return HEADER + table
+    def table(cls: type) -> str:
+        return "".join(f"| `{k}` | {cell(t)} | `{d}` | {cell(m)} |\n" for k, t, d, m in rows(cls))
+
+    return HEADER + table(config.ExperimentConfig) + SEARCH_HEADER + table(space.StudyFile)
 
 
 if __name__ == "__main__":

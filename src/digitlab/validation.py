@@ -243,19 +243,6 @@ def of(k: int) -> Holdout | KFold:
     return KFold(k) if k else Holdout()
 
 
-def folds_of(section: dict, option: int | None, path) -> int:
-    """K from a search file's `validation:` section, or from --folds when given."""
-    from digitlab.errors import ConfigError
-
-    if unknown := sorted(set(section) - {"folds"}):
-        raise ConfigError(f"{path}: unknown option validation.{unknown[0]} (known: folds)")
-    k = section.get("folds", 0) if option is None else option
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
-        raise ConfigError(f"{path}: validation.folds must be a whole number of at least 2 "
-                          "(0: one validation split)")
-    return k
-
-
 def check_folds_option(k: int | None) -> None:
     if k is not None and (k < 0 or k == 1):
         raise UserError("--folds must be at least 2 (0: the search file's validation.folds)")

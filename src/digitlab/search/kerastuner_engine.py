@@ -34,18 +34,19 @@ def _oracle(settings: Settings):
 
     space = settings.study_file
     common = dict(
-        objective=kt.Objective(space.metric, "max" if space.direction == "maximize" else "min"),
+        objective=kt.Objective(space.objective.metric,
+                               "max" if space.objective.direction == "maximize" else "min"),
         hyperparameters=params.kerastuner_hyperparameters(space.params),
         allow_new_entries=False,
         tune_new_entries=False,
         seed=settings.seed,
         max_consecutive_failed_trials=space.max_consecutive_failures,
     )
-    if space.tuner == "hyperband":
+    if space.kerastuner.tuner == "hyperband":
         # Many brackets, so that the trial budget below, not Hyperband, ends the search.
         oracle_class = kt.oracles.HyperbandOracle
         options = dict(max_epochs=settings.max_epochs, factor=3, hyperband_iterations=1000)
-    elif space.tuner == "bayesian":
+    elif space.kerastuner.tuner == "bayesian":
         oracle_class, options = kt.oracles.BayesianOptimizationOracle, {}
     else:
         oracle_class, options = kt.oracles.RandomSearchOracle, {}
@@ -109,7 +110,7 @@ class KerasTunerEngine:
         fingerprint = self.settings.study_file.fingerprint()
         if "space_fingerprint" not in self.state:
             self.state.update(space_fingerprint=fingerprint, space_path=self.settings.study_file.path,
-                              direction=self.settings.study_file.direction, runs={})
+                              direction=self.settings.study_file.objective.direction, runs={})
             self._save()
         elif self.state["space_fingerprint"] != fingerprint:
             raise UserError(
@@ -180,7 +181,7 @@ class KerasTunerEngine:
         )
         if outcome.state != trial_mod.COMPLETE:
             raise RuntimeError(outcome.error or "trial failed")  # KerasTuner marks it FAILED
-        return {space.metric: outcome.value}
+        return {space.objective.metric: outcome.value}
 
     def rows(self) -> list[dict]:
         rows = []

@@ -50,7 +50,7 @@ def _sampler(settings: Settings, trial_number: int) -> optuna.samplers.BaseSampl
     very values of the trials before it.
     """
     seed = int(np.random.SeedSequence([settings.seed % 2**32, trial_number]).generate_state(1)[0])
-    if settings.study_file.sampler == "random":
+    if settings.study_file.optuna.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     startup = min(10, max(3, settings.trials // 3))
     # constant_liar (Optuna 5's default, named so it stays): trials still running on other
@@ -59,12 +59,13 @@ def _sampler(settings: Settings, trial_number: int) -> optuna.samplers.BaseSampl
 
 
 def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
-    if settings.study_file.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=settings.study_file.min_epochs,
+    if settings.study_file.optuna.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=settings.study_file.optuna.min_epochs,
                                               max_resource=settings.max_epochs, reduction_factor=3)
-    if settings.study_file.pruner == "median":
+    if settings.study_file.optuna.pruner == "median":
         # Steps are epochs counted from 1, so the first judgement comes after min_epochs epochs.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=settings.study_file.min_epochs)
+        return optuna.pruners.MedianPruner(n_startup_trials=3,
+                                           n_warmup_steps=settings.study_file.optuna.min_epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -87,7 +88,7 @@ class OptunaEngine:
             study_name=settings.study,
             sampler=_sampler(settings, 0),  # replaced for each trial (work)
             pruner=_pruner(settings),
-            direction=settings.study_file.direction,
+            direction=settings.study_file.objective.direction,
             load_if_exists=True,
         )
 
@@ -101,15 +102,15 @@ class OptunaEngine:
             self.study.set_user_attr("space_fingerprint", space.fingerprint())
             self.study.set_user_attr("space_path", space.path)
             self.study.set_user_attr("engine", self.name)
-            self.study.set_metric_names([space.metric])  # named in optuna-dashboard and plots
+            self.study.set_metric_names([space.objective.metric])  # named in optuna-dashboard and plots
             if space.start:  # the first trial of a new study; TPE samples any key not given
                 self.study.enqueue_trial({k: params.encode(v) for k, v in space.start.items()},
                                          skip_if_exists=True)
             return
-        if self.study.direction.name.lower() != space.direction:
+        if self.study.direction.name.lower() != space.objective.direction:
             raise UserError(
                 f"study {self.settings.study!r} maximises/minimises differently "
-                f"({self.study.direction.name.lower()}) from {space.path} ({space.direction}); "
+                f"({self.study.direction.name.lower()}) from {space.path} ({space.objective.direction}); "
                 "use another --study name"
             )
         if attrs["space_fingerprint"] != space.fingerprint():

@@ -84,8 +84,8 @@ def measure(settings: Settings, data: DigitData) -> Plan:
     space = settings.study_file
     config = space.trial_config(dict(space.start), settings.seed, 0)
     t = config.training
-    k = space.validation.models_per_run
-    split = data_mod.split(data, space.validation.timing_fraction(config), config.split_seed)
+    k = space.validator.models_per_run
+    split = data_mod.split(data, space.validator.timing_fraction(config), config.split_seed)
     timed = dataclasses.replace(config, training=dataclasses.replace(
         t, epochs=2, epoch_images=TIMED_BATCHES * t.batch_size, subset_images=0, subset_epochs=0,
         early_stopping=dataclasses.replace(t.early_stopping, enabled=False),
@@ -99,13 +99,13 @@ def measure(settings: Settings, data: DigitData) -> Plan:
     step = max(result.epoch_seconds[-1] - val_seconds, 0.0) / TIMED_BATCHES
     n = len(split.train_labels)
     steps = math.ceil((t.epoch_images or n) / t.batch_size)
-    return Plan(epoch_seconds=steps * step + val_seconds, epochs=space.max_epochs,
-                first_rung=space.min_epochs if stops_early(settings) else space.max_epochs,
+    return Plan(epoch_seconds=steps * step + val_seconds, epochs=space.budget.max_epochs,
+                first_rung=space.optuna.min_epochs if stops_early(settings) else space.budget.max_epochs,
                 runs_per_trial=k, epoch_images=steps * t.batch_size, train_images=n)
 
 
 def stops_early(settings: Settings) -> bool:
     """Whether the engine stops trials before their last epoch (a pruner, or Hyperband)."""
     if settings.engine == "optuna":
-        return settings.study_file.pruner != "none"
-    return settings.study_file.tuner == "hyperband"
+        return settings.study_file.optuna.pruner != "none"
+    return settings.study_file.kerastuner.tuner == "hyperband"

@@ -46,14 +46,14 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
     already = client.get_run(run_id).data.params
     for key, value in {
         "space": space.path, "engine": settings.engine, "study": settings.study,
-        "experiments": ",".join(space.experiments), "objective.metric": space.metric,
-        "objective.direction": space.direction, "budget.trials": settings.trials,
+        "experiments": ",".join(space.experiments), "objective.metric": space.objective.metric,
+        "objective.direction": space.objective.direction, "budget.trials": settings.trials,
         "budget.max_epochs": settings.max_epochs,
-        "budget.minutes": settings.study_file.minutes or "none", "seed": settings.seed,
+        "budget.minutes": space.budget.minutes or "none", "seed": settings.seed,
         "storage": redact(settings.storage) if settings.storage else "default",
         "workers": settings.workers,
-        "optuna.sampler": space.sampler, "optuna.pruner": space.pruner,
-        "kerastuner.tuner": space.tuner,
+        "optuna.sampler": space.optuna.sampler, "optuna.pruner": space.optuna.pruner,
+        "kerastuner.tuner": space.kerastuner.tuner,
     }.items():
         if key not in already:
             client.log_param(run_id, key, str(value))
@@ -85,8 +85,8 @@ def reproduce_command(settings: Settings) -> str:
     space = settings.study_file
     words = ["digitlab", "search", "--space", space.path, "--engine", settings.engine,
              "--trials", str(settings.trials), "--max-epochs", str(settings.max_epochs)]
-    if space.minutes:
-        words += ["--minutes", f"{space.minutes:g}"]
+    if space.budget.minutes:
+        words += ["--minutes", f"{space.budget.minutes:g}"]
     words += settings.validation.options()
     words += ["--seed", str(settings.seed), "--study", settings.study]
     if settings.storage:  # a password in it stays out of the store: anyone may read runs
@@ -107,15 +107,15 @@ def _range(p: Param) -> str:
 def describe(settings: Settings, best: dict | None = None) -> str:
     """The parent run's description (Markdown): what the study searches, how, and its best."""
     space = settings.study_file
-    engine = (f"Optuna, {space.sampler} sampler, {space.pruner} pruner" if settings.engine == "optuna"
-              else f"KerasTuner, {space.tuner} tuner")
+    engine = (f"Optuna, {space.optuna.sampler} sampler, {space.optuna.pruner} pruner"
+              if settings.engine == "optuna" else f"KerasTuner, {space.kerastuner.tuner} tuner")
     budget = f"{settings.trials} trials of up to {settings.max_epochs} epochs"
-    if space.minutes:
-        budget += f", none started after {space.minutes:g} minutes"
+    if space.budget.minutes:
+        budget += f", none started after {space.budget.minutes:g} minutes"
     lines = [f"**{settings.study}**" + (f": {space.description}" if space.description else ""),
              "",
              f"- experiments: {', '.join(space.experiments)}",
-             f"- objective: {space.direction} {space.metric}"
+             f"- objective: {space.objective.direction} {space.objective.metric}"
              + settings.validation.describe(),
              f"- engine: {engine}",
              f"- budget: {budget}",
@@ -124,7 +124,8 @@ def describe(settings: Settings, best: dict | None = None) -> str:
     if best:
         values = console.values({k.removeprefix("params."): v for k, v in best.items()
                                  if k.startswith("params.") and v is not None})
-        lines.append(f"- best: trial {best['number']}, {space.metric} {best['value']:.4f} ({values})")
+        lines.append(f"- best: trial {best['number']}, {space.objective.metric} "
+                     f"{best['value']:.4f} ({values})")
     return "\n".join(lines)
 
 
@@ -163,7 +164,7 @@ def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
     as the MLflow runs and the trials table do; only completed trials carry a value.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=settings.study_file.direction)
+    study = optuna.create_study(direction=settings.study_file.objective.direction)
     distributions = {p.key: params.optuna_distribution(p) for p in settings.study_file.params}
     states = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
     for row in sorted(rows, key=lambda r: r["number"]):
@@ -197,7 +198,7 @@ def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str
     ranked = ranking.ranked_trials(client, client.get_run(parent_run_id))
     best = next((done[t.info.run_id] for t in ranked if t.info.run_id in done), None)
     if best:
-        client.log_metric(parent_run_id, f"best_{space.metric}", float(best["value"]))
+        client.log_metric(parent_run_id, f"best_{space.objective.metric}", float(best["value"]))
         client.log_metric(parent_run_id, "best_value", float(best["value"]))
         client.set_tag(parent_run_id, "best_trial_number", str(best["number"]))
         for key, value in best.items():

@@ -39,7 +39,7 @@ class Progress:
         from tqdm import tqdm
 
         self.engine, self.metric, self.parent_run_id = engine, settings.study_file.scored_by, parent_run_id
-        self.plan, self.minutes, self.started = plan, settings.study_file.minutes, time.time()
+        self.plan, self.minutes, self.started = plan, settings.study_file.budget.minutes, time.time()
         self.bar = tqdm(total=settings.trials, initial=engine.finished(), unit="trial",
                         desc=f"search {settings.study}", dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n:.1f}/{total} trials [{elapsed}{postfix}]")
@@ -104,8 +104,8 @@ def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> 
     this call began (every worker still runs one); the study stays open, and the
     same command goes on with it for as many minutes again.
     """
-    if settings.study_file.minutes:
-        settings = dataclasses.replace(settings, deadline=time.time() + 60 * settings.study_file.minutes)
+    if minutes := settings.study_file.budget.minutes:
+        settings = dataclasses.replace(settings, deadline=time.time() + 60 * minutes)
     if dataset is None:
         dataset = data_mod.load(settings.data_dir)
     store.configure()  # an unreachable tracking server stops us before the study exists
@@ -118,7 +118,7 @@ def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> 
         report.point_to_parent(engine.parent_run_id)
         return {"already_finished": True}
     plan = plan_mod.measure(settings, dataset)
-    plan_line = plan.line(settings.study_file.minutes)
+    plan_line = plan.line(settings.study_file.budget.minutes)
     log.info("%s", plan_line)
     with engine.lock():  # workers starting together on several machines share one parent run
         parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)

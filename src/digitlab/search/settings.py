@@ -30,16 +30,16 @@ class Settings:
 
     @property
     def trials(self) -> int:
-        return self.study_file.trials
+        return self.study_file.budget.trials
 
     @property
     def max_epochs(self) -> int:
-        return self.study_file.max_epochs
+        return self.study_file.budget.max_epochs
 
     @property
     def validation(self) -> validation.Holdout | validation.KFold:
         """How trials are validated: one split, or K folds (the file's or --folds)."""
-        return self.study_file.validation
+        return self.study_file.validator
 
 
 def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
@@ -64,6 +64,6 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
                                       folds=folds or None)
     # A K-fold study of a file is another study than its single-split one (their objectives
     # differ), so by default it gets a name of its own and neither resumes the other.
-    default = f"{space.name}-{engine}{space.validation.study_suffix()}"
+    default = f"{space.name}-{engine}{space.validator.study_suffix()}"
     return Settings(study_file=space, engine=engine, study=study or default,
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed)

@@ -1,24 +1,30 @@
-"""Search-space files (`search/*.yaml`): one format for both engines.
+"""Search files (`search/*.yaml`): one format for both engines.
 
-A file names the experiment(s), the objective, the budget, engine options, how
-trials are validated (one split, or `validation: {folds: K}`) and the space: dotted config keys mapped to int, float (optionally log) or
-categorical ranges, and optionally where to start: values for the first trial
-of a new study. With several experiments, the architecture itself is a
-categorical parameter named `experiment`. Everything is checked here, before
-any run or study exists.
+A file names the experiment(s), the objective, the budget, engine options, how trials
+are validated (one split, or `validation: {folds: K}`) and the space: dotted config keys
+mapped to int, float (optionally log) or categorical ranges, and optionally where to
+start: values for the first trial of a new study. With several experiments, the
+architecture itself is a categorical parameter named `experiment`.
+
+The file is built like an experiment file: typed dataclasses (their defaults are the
+only ones) built with `typed.build`, so an unknown key or a wrong type is a one-line
+error; `_check` adds what types cannot say. Everything is checked here, before any run
+or study exists.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from digitlab import config as config_mod
-from digitlab import resources, validation
+from digitlab import resources, typed
+from digitlab import validation as validation_mod
 from digitlab.errors import ConfigError
 from digitlab.metrics import OBJECTIVE_METRICS
 
@@ -40,60 +46,101 @@ class Param:
 
 
 @dataclass(frozen=True)
-class StudyFile:
-    path: str
-    experiments: tuple[str, ...]
-    description: str = ""
+class Objective:
+    # what trials are ranked by: loss, accuracy, crossentropy, val_loss, val_accuracy or
+    # val_crossentropy (out of fold in a K-fold study)
     metric: str = "val_accuracy"
-    direction: str = "maximize"
-    trials: int = 10
-    max_epochs: int = 10
-    # wall-clock minutes per `digitlab search` invocation; no trial starts after them
-    minutes: float | None = None
-    # budget.epoch_images / subset_images / subset_epochs: training.* of every trial (0: the
-    # experiment's own): epochs of a fixed number of images, the first ones on a subset
+    direction: str = "maximize"  # maximize | minimize
+
+
+@dataclass(frozen=True)
+class Budget:
+    trials: int = 10  # trials in all, shared by every worker (--trials)
+    max_epochs: int = 10  # epochs per trial at most: Hyperband's largest rung (--max-epochs)
+    minutes: float | None = None  # no trial starts after this many minutes (--minutes); null: none
+    # training.epoch_images of every trial: an epoch is this many images, at any data size;
+    # 0: each experiment's own
     epoch_images: int = 0
+    # the first subset_epochs epochs of every trial draw from this many training images
+    # (one subset, the same for every trial); 0: all images throughout
     subset_images: int = 0
-    subset_epochs: int = 0
-    sampler: str = "tpe"
-    pruner: str = "hyperband"
-    min_epochs: int = 1  # epochs every Optuna trial trains before it can be pruned
-    tuner: str = "hyperband"
-    max_consecutive_failures: int = 3
-    folds: int = 0  # validation.folds: K-fold validation with K >= 2; 0: one validation split
-    fixed: dict = field(default_factory=dict)  # overrides applied to every trial
-    params: tuple[Param, ...] = ()
-    # Values for the first trial of a new study (e.g. a known-good recipe), so a short
-    # search starts from it instead of from a random draw; the engine samples the rest.
-    # Not part of the fingerprint: it only matters when the study is created.
-    start: dict = field(default_factory=dict)
-    # Retrain the best trial on every labelled image when the search ends (`promote --refit`)
-    refit: bool = False
+    subset_epochs: int = 0  # epochs drawn from the subset (needs epoch_images)
+
+
+@dataclass(frozen=True)
+class OptunaOptions:
+    sampler: str = "tpe"  # tpe | random
+    pruner: str = "hyperband"  # hyperband | median | none
+    min_epochs: int = 1  # epochs every trial trains before it can be pruned
+
+
+@dataclass(frozen=True)
+class KerasTunerOptions:
+    tuner: str = "hyperband"  # hyperband | random | bayesian
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    # K-fold validation with K >= 2: a trial trains K models and is scored out of fold;
+    # 0: one validation split (--folds)
+    folds: int = 0
+
+
+@dataclass(frozen=True)
+class StudyFile:
+    # one experiment or a list of them; with several, the architecture is a categorical
+    # parameter named `experiment`
+    experiments: list[str]
+    description: str = ""  # what the study is for (free text; the parent run's description)
+    objective: Objective = field(default_factory=Objective)
+    budget: Budget = field(default_factory=Budget)
+    optuna: OptunaOptions = field(default_factory=OptunaOptions)
+    kerastuner: KerasTunerOptions = field(default_factory=KerasTunerOptions)
+    validation: ValidationOptions = field(default_factory=ValidationOptions)
+    max_consecutive_failures: int = 3  # this many failed trials in a row stop the search
+    refit: bool = False  # retrain the best trial on every labelled image when the search ends
+    fixed: dict[str, Any] = field(default_factory=dict)  # dotted config keys set in every trial
+    # values for the first trial of a new study (keys of `space`), e.g. a known-good
+    # recipe, so a short search starts from it; not part of the fingerprint: it only
+    # matters when the study is created
+    start: dict[str, Any] = field(default_factory=dict)
+    # dotted config keys -> ranges: {type: int | float, low, high, step or log: true} or
+    # {type: categorical, choices: [...]}
+    space: dict[str, Any] = field(default_factory=dict)
+    path: str = field(default="", metadata={typed.NOT_A_KEY: True})  # where it was read from
 
     @property
     def name(self) -> str:
         return Path(self.path).stem
 
+    @functools.cached_property
+    def params(self) -> tuple[Param, ...]:
+        """The space's ranges, with the architecture first when there are several."""
+        params = [_param(k, v, f"{self.path}: space.{k}") for k, v in self.space.items()]
+        if len(self.experiments) > 1:
+            params.insert(0, Param(ARCHITECTURE_KEY, "categorical", choices=tuple(self.experiments)))
+        return tuple(params)
+
     @property
-    def validation(self) -> validation.Holdout | validation.KFold:
+    def validator(self) -> validation_mod.Holdout | validation_mod.KFold:
         """How every trial is validated: one split, or `validation.folds` folds."""
-        return validation.of(self.folds)
+        return validation_mod.of(self.validation.folds)
 
     @property
     def scored_by(self) -> str:
         """The metric trials are ranked by: the objective's, out of fold in a K-fold study."""
-        return self.validation.scored_by(self.metric)
+        return self.validator.scored_by(self.objective.metric)
 
     def fingerprint(self) -> str:
         """What a resumed study must share with the original: experiments, space, objective."""
         data = {
             "experiments": self.experiments,
-            "metric": self.metric,
-            "direction": self.direction,
+            "metric": self.objective.metric,
+            "direction": self.objective.direction,
             "fixed": self.fixed,
             "params": [asdict(p) for p in self.params],
         }
-        data.update(self.validation.fingerprint())
+        data.update(self.validator.fingerprint())
         # Set only when used, so that studies made before these settings existed resume.
         data.update(self.lengths())
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -101,13 +148,13 @@ class StudyFile:
     def lengths(self) -> dict[str, int]:
         """The budget's training.* settings of epoch length and subset rungs that it sets."""
         return {f"training.{k}": v for k in ("epoch_images", "subset_images", "subset_epochs")
-                if (v := getattr(self, k))}
+                if (v := getattr(self.budget, k))}
 
     def overrides(self, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Sampled values -> (experiment name, config overrides) for `train.run`."""
         values = dict(values)
         experiment = values.pop(ARCHITECTURE_KEY, self.experiments[0])
-        overrides = {**self.fixed, **self.lengths(), **values, "training.epochs": self.max_epochs}
+        overrides = {**self.fixed, **self.lengths(), **values, "training.epochs": self.budget.max_epochs}
         return experiment, overrides
 
     def trial_config(self, values: dict[str, Any], seed: int, number: int = 0,
@@ -195,102 +242,58 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
     (--folds) replace the file's values before the checks, so they meet the same rules.
     """
     path = resources.find("search", str(name_or_path))
-    raw = config_mod.read_mapping(path)
-    known_sections = {"description", "experiments", "experiment", "objective", "budget", "optuna",
-                      "kerastuner", "fixed", "space", "start", "max_consecutive_failures", "validation",
-                      "refit"}
-    unknown = sorted(set(raw) - known_sections)
-    if unknown:
-        raise ConfigError(f"{path}: unknown section {unknown[0]!r}")
-
-    experiments = raw.get("experiments", raw.get("experiment"))
-    if isinstance(experiments, str):
-        experiments = [experiments]
-    if not isinstance(experiments, list) or not experiments:
-        raise ConfigError(f"{path}: 'experiments' must name one experiment or a list of them")
-    objective = raw.get("objective") or {}
-    budget = raw.get("budget") or {}
-    if isinstance(budget, dict) and budget_overrides:
-        budget = {**budget, **budget_overrides}
-    optuna_opts = raw.get("optuna") or {}
-    kt_opts = raw.get("kerastuner") or {}
-    fixed = raw.get("fixed") or {}
-    space = raw.get("space") or {}
-    start = raw.get("start") or {}
-    validation_section = raw.get("validation") or {}
-    for name, section in (("objective", objective), ("budget", budget), ("optuna", optuna_opts),
-                          ("kerastuner", kt_opts), ("fixed", fixed), ("space", space), ("start", start),
-                          ("validation", validation_section)):
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: {name} must be a mapping")
-    budget_keys = {"trials", "max_epochs", "minutes", "epoch_images", "subset_images", "subset_epochs"}
-    if unknown := sorted(set(budget) - budget_keys):
-        raise ConfigError(f"{path}: unknown option budget.{unknown[0]} (known: {', '.join(sorted(budget_keys))})")
-    folds = validation.folds_of(validation_section, folds, path)
-
-    params = [_param(k, v, f"{path}: space.{k}") for k, v in space.items()]
-    if len(experiments) > 1:
-        if ARCHITECTURE_KEY in space:
-            raise ConfigError(f"{path}: space.{ARCHITECTURE_KEY} is implied by the experiments list")
-        params.insert(0, Param(ARCHITECTURE_KEY, "categorical", choices=tuple(experiments)))
-
-    result = StudyFile(
-        path=str(path),
-        experiments=tuple(experiments),
-        description=str(raw.get("description") or ""),
-        metric=objective.get("metric", "val_accuracy"),
-        direction=objective.get("direction", "maximize"),
-        trials=budget.get("trials", 10),
-        max_epochs=budget.get("max_epochs", 10),
-        minutes=budget.get("minutes"),
-        epoch_images=budget.get("epoch_images", 0),
-        subset_images=budget.get("subset_images", 0),
-        subset_epochs=budget.get("subset_epochs", 0),
-        sampler=optuna_opts.get("sampler", "tpe"),
-        pruner=optuna_opts.get("pruner", "hyperband"),
-        min_epochs=optuna_opts.get("min_epochs", 1),
-        tuner=kt_opts.get("tuner", "hyperband"),
-        max_consecutive_failures=raw.get("max_consecutive_failures", 3),
-        folds=folds,
-        fixed=dict(fixed),
-        params=tuple(params),
-        start=dict(start),
-        refit=raw.get("refit", False),
-    )
-    _check(result)
-    return result
+    # An empty section (`fixed:` with nothing under it) is the same as none.
+    raw = {k: v for k, v in config_mod.read_mapping(path).items() if v is not None}
+    if "experiment" in raw and "experiments" not in raw:  # one experiment, by the singular
+        raw["experiments"] = raw.pop("experiment")
+    if isinstance(raw.get("experiments"), str):
+        raw["experiments"] = [raw["experiments"]]
+    for section, given in (("budget", budget_overrides), ("validation", {"folds": folds})):
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        if given and isinstance(raw.get(section, {}), dict):
+            raw[section] = {**raw.get(section, {}), **given}
+    try:
+        study_file = typed.build(StudyFile, raw, "")
+    except ConfigError as exc:  # "budget.trials: expected int, ..." / ": unknown key ..."
+        raise ConfigError(f"{path}: {str(exc).removeprefix(': ')}") from None
+    study_file = replace(study_file, path=str(path))
+    _check(study_file)
+    return study_file
 
 
 def _check(s: StudyFile) -> None:
-    p = s.path
+    """What the types cannot say: allowed values, ranges, and keys the experiments have."""
+    p, b = s.path, s.budget
     checks = [
-        (s.metric in OBJECTIVE_METRICS,
-         f"objective.metric must be one of {', '.join(OBJECTIVE_METRICS)} (got {s.metric!r})"),
-        (s.direction in ("maximize", "minimize"), "objective.direction must be maximize or minimize"),
-        (isinstance(s.trials, int) and s.trials >= 1, "budget.trials must be a positive integer"),
-        (isinstance(s.max_epochs, int) and s.max_epochs >= 1,
-         "budget.max_epochs must be a positive integer"),
-        (s.minutes is None or (isinstance(s.minutes, (int, float)) and not isinstance(s.minutes, bool)
-                               and s.minutes > 0),
-         "budget.minutes must be a positive number"),
-        (all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-             for v in (s.epoch_images, s.subset_images, s.subset_epochs)),
+        (bool(s.experiments), "experiments must name one experiment or a list of them"),
+        (s.objective.metric in OBJECTIVE_METRICS,
+         f"objective.metric must be one of {', '.join(OBJECTIVE_METRICS)} (got {s.objective.metric!r})"),
+        (s.objective.direction in ("maximize", "minimize"),
+         "objective.direction must be maximize or minimize"),
+        (b.trials >= 1, "budget.trials must be a positive integer"),
+        (b.max_epochs >= 1, "budget.max_epochs must be a positive integer"),
+        (b.minutes is None or b.minutes > 0, "budget.minutes must be a positive number"),
+        (min(b.epoch_images, b.subset_images, b.subset_epochs) >= 0,
          "budget.epoch_images, subset_images and subset_epochs must be whole numbers >= 0"),
-        (not (s.subset_images and s.subset_epochs) or s.epoch_images,
+        (not (b.subset_images and b.subset_epochs) or b.epoch_images,
          "budget.subset_images needs budget.epoch_images (epochs of a fixed number of images)"),
-        (isinstance(s.refit, bool), "refit must be true or false"),
-        (s.sampler in OPTUNA_SAMPLERS, f"optuna.sampler must be one of {', '.join(OPTUNA_SAMPLERS)}"),
-        (s.pruner in OPTUNA_PRUNERS, f"optuna.pruner must be one of {', '.join(OPTUNA_PRUNERS)}"),
-        (isinstance(s.min_epochs, int) and 1 <= s.min_epochs <= s.max_epochs,
+        (s.optuna.sampler in OPTUNA_SAMPLERS,
+         f"optuna.sampler must be one of {', '.join(OPTUNA_SAMPLERS)}"),
+        (s.optuna.pruner in OPTUNA_PRUNERS, f"optuna.pruner must be one of {', '.join(OPTUNA_PRUNERS)}"),
+        (1 <= s.optuna.min_epochs <= b.max_epochs,
          "optuna.min_epochs must be an integer from 1 to budget.max_epochs"),
-        (s.tuner in KERASTUNER_TUNERS, f"kerastuner.tuner must be one of {', '.join(KERASTUNER_TUNERS)}"),
-        (isinstance(s.max_consecutive_failures, int) and s.max_consecutive_failures >= 1,
-         "max_consecutive_failures must be a positive integer"),
+        (s.kerastuner.tuner in KERASTUNER_TUNERS,
+         f"kerastuner.tuner must be one of {', '.join(KERASTUNER_TUNERS)}"),
+        (s.max_consecutive_failures >= 1, "max_consecutive_failures must be a positive integer"),
+        (s.validation.folds == 0 or s.validation.folds >= 2,
+         "validation.folds must be a whole number of at least 2 (0: one validation split)"),
+        (ARCHITECTURE_KEY not in s.space or len(s.experiments) < 2,
+         f"space.{ARCHITECTURE_KEY} is implied by the experiments list"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{p}: {message}")
-    if problem := s.validation.objective_problem(s.metric):
+    if problem := s.validator.objective_problem(s.objective.metric):
         raise ConfigError(f"{p}: {problem}")
     params = {param.key: param for param in s.params}
     for key, value in s.start.items():

@@ -42,10 +42,10 @@ def objective_value(space: StudyFile, result: train.Result) -> float | None:
     its last weights is ranked by them, or the search would rank weights nobody registers.
     Validation accuracy and cross-entropy are measured on that model itself, so they are
     right whichever weights were restored; the other metrics are the last epoch's."""
-    if space.metric in ("val_accuracy", "val_crossentropy"):
-        value = getattr(result, space.metric)
+    if space.objective.metric in ("val_accuracy", "val_crossentropy"):
+        value = getattr(result, space.objective.metric)
     else:
-        value = (result.history.get(space.metric) or [math.nan])[-1]
+        value = (result.history.get(space.objective.metric) or [math.nan])[-1]
     return value if math.isfinite(value) else None
 
 
@@ -67,7 +67,7 @@ def judge(space: StudyFile, hook, validation) -> Callable[[train.Result], Verdic
             return failed(failure.message, failure.reason)
         value = objective_value(space, result)
         if value is None:
-            return failed(f"no finite {space.metric}", f"no finite {space.metric}", log_result=False)
+            return failed(f"no finite {space.objective.metric}", f"no finite {space.objective.metric}", log_result=False)
         state = PRUNED if pruned else COMPLETE
         metrics = {"objective": value}
         if state == COMPLETE:
@@ -96,8 +96,8 @@ def run_trial(
 
     values = {k: decode(v) for k, v in values.items()}
     config = space.trial_config(values, seed, number, epochs)
-    hook = PruningHook(space.metric, report) if report else None
-    validation = space.validation.for_run(number)
+    hook = PruningHook(space.objective.metric, report) if report else None
+    validation = space.validator.for_run(number)
     tags = {"trial_number": number, "engine": engine, "trial_state": "RUNNING"}
     started: list[str] = []
 
