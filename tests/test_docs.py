@@ -291,3 +291,20 @@ def test_configuration_page_covers_every_key_with_a_meaning():
         assert f"| `{key}` |" in search_part, f"docs/configuration.md has no row for search key {key}"
     assert "experiments/NAME.yaml" in page and "`digit-recognizer`" in page  # both "experiments"
     assert Path(REPO / "README.md").read_text().count("docs/configuration.md") >= 1
+
+
+def test_the_search_file_example_loads_and_shows_every_key(workdir):
+    """docs/searching.md's example is a real search file, and it shows every key the
+    dataclasses have, so the example and the generated table cannot drift apart."""
+    from digitlab.search import space
+
+    page = (REPO / "docs" / "searching.md").read_text()
+    section = page.split("## The search file", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = workdir / "example.yaml"
+    path.write_text(example)
+    study_file = space.load(path)
+    assert study_file.validation.folds == 5 and study_file.budget.minutes == 30
+    shown = {key for key, *_ in config_reference.rows(space.StudyFile)
+             if f"{key.rsplit('.', 1)[-1]}:" in example}
+    assert shown == {key for key, *_ in config_reference.rows(space.StudyFile)}
