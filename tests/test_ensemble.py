@@ -70,7 +70,7 @@ def test_ensemble_auto_through_promote_submit_and_serving(workdir, tiny_dir, cap
                                 filter_string="tags.trial_state = 'COMPLETE'")
     assert len(trials) == 4
     # every completed trial stored its held-out predictions, rows of the study's split
-    stored = [ensemble.stored_predictions(client, t) for t in trials]
+    stored = [ensemble.stored_predictions(t) for t in trials]
     rows = stored[0]["rows"]
     assert len(rows) == 30 and all(np.array_equal(s["rows"], rows) for s in stored)
     assert stored[0]["probabilities"].shape == (30, 10)

@@ -192,8 +192,7 @@ def oof_probabilities(groups: list[list], data: DigitData, k: int, seed: int, tt
     fold = assign(data.train_labels, k, seed)
     out = np.zeros((len(data.train_labels), 10), dtype=np.float32)
     for i in range(k):
-        classifier = serving.DigitClassifier()
-        classifier.models, classifier.tta = [group[i] for group in groups], tta
-        classifier.weights = weights  # one per member
+        # one model per member (its fold i), one weight per member
+        classifier = serving.DigitClassifier([group[i] for group in groups], tta, weights)
         out[fold == i] = classifier.probabilities(data.train_images[fold == i])
     return out

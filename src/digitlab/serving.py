@@ -76,8 +76,11 @@ def _quiet_backend():
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
-    tta: bool = False
-    weights: list[float] | None = None  # one per model; None: equal
+    def __init__(self, models: list | None = None, tta: bool = False,
+                 weights: list[float] | None = None):
+        """Given models (scoring an ensemble in process), or none: `load_context` loads the
+        logged ones. `weights`: one per model; None: equal."""
+        self.models, self.tta, self.weights = models or [], tta, weights
 
     def load_context(self, context):
         members = sorted((k for k in context.artifacts if k.startswith("member_")),

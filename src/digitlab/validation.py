@@ -16,7 +16,6 @@ The K-fold trainer itself is `folds.FoldTrainer`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,14 +28,6 @@ from digitlab.errors import UserError
 if TYPE_CHECKING:
     from digitlab.config import ExperimentConfig
     from digitlab.data import DigitData
-
-
-def _classifier(models: list, tta: bool, weights: list[float] | None):
-    from digitlab import serving
-
-    classifier = serving.DigitClassifier()
-    classifier.models, classifier.tta, classifier.weights = models, tta, weights
-    return classifier
 
 
 @dataclass
@@ -85,8 +76,11 @@ class Holdout:
 
     def score(self, groups: list[list], data: DigitData, tta: bool,
               weights: list[float] | None = None) -> float:
+        from digitlab import serving
+
         split = self._split(None, data)
-        probabilities = _classifier([g[0] for g in groups], tta, weights).probabilities(split.val_images)
+        classifier = serving.DigitClassifier([g[0] for g in groups], tta, weights)
+        probabilities = classifier.probabilities(split.val_images)
         return float(np.mean(probabilities.argmax(1) == split.val_labels))
 
     def scored_by(self, metric: str) -> str:
@@ -129,10 +123,10 @@ class KFold:
     seed: int | None = None
     label: int | str = ""  # the trial, in log lines
     trainer: folds.FoldTrainer | None = field(default=None, repr=False, compare=False)
-    models_per_run: int = dataclasses.field(init=False)
 
-    def __post_init__(self) -> None:
-        self.models_per_run = self.k
+    @property
+    def models_per_run(self) -> int:
+        return self.k
 
     def check(self, data: DigitData, config: ExperimentConfig) -> None:
         folds.check(data, self.k)

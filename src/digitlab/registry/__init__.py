@@ -50,13 +50,8 @@ def promote(dataset: data_mod.DigitData, pol: Policy, search_run_id: str | None 
         if run_id:
             raise UserError("--ensemble auto chooses among a search's trials: give --search-run, not --run")
         _, search_run = selection.select(client, experiment_ids, search_run_id, None, 1)
-        choice = ensemble_mod.choose(client, ranked_trials(client, search_run), pol.auto_ensemble_max)
-        members, weights = choice.members, choice.weights
-        picks = ", ".join(f"trial {m.data.tags.get('trial_number', '?')} x{w:.2f}"
-                          for m, w in zip(members, weights, strict=True))
-        chosen = (f"members chosen by greedy selection (Caruana et al. 2004) on "
-                  f"{choice.images} held-out images: {picks}; held-out log loss "
-                  f"{choice.log_loss:.4f} (best single model {choice.best_single_log_loss:.4f})")
+        choice = ensemble_mod.choose(ranked_trials(client, search_run), pol.auto_ensemble_max)
+        members, weights, chosen = choice.members, choice.weights, choice.describe()
         log.info("--ensemble auto: %s", chosen)
     else:
         members, search_run = selection.select(client, experiment_ids, search_run_id, run_id, ensemble)

@@ -20,7 +20,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from digitlab.errors import UserError
@@ -38,6 +37,14 @@ class Choice:
     best_single_log_loss: float
     images: int  # held-out images it was chosen on
     skipped: int  # completed trials without stored predictions
+
+    def describe(self) -> str:
+        """How the members were chosen: the registered version's description says it."""
+        picks = ", ".join(f"trial {m.data.tags.get('trial_number', '?')} x{w:.2f}"
+                          for m, w in zip(self.members, self.weights, strict=True))
+        return (f"members chosen by greedy selection (Caruana et al. 2004) on {self.images} "
+                f"held-out images: {picks}; held-out log loss {self.log_loss:.4f} (best single "
+                f"model {self.best_single_log_loss:.4f})")
 
 
 def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -66,7 +73,7 @@ def greedy(probabilities: list[np.ndarray], labels: np.ndarray, max_size: int) -
     return counts
 
 
-def stored_predictions(client: MlflowClient, run: Run) -> dict | None:
+def stored_predictions(run: Run) -> dict | None:
     """A run's stored held-out predictions, None for a run logged without them."""
     import mlflow
 
@@ -81,11 +88,11 @@ def stored_predictions(client: MlflowClient, run: Run) -> dict | None:
         return {k: stored[k] for k in ("rows", "labels", "probabilities")}
 
 
-def choose(client: MlflowClient, trials: list[Run], max_size: int) -> Choice:
+def choose(trials: list[Run], max_size: int) -> Choice:
     """The ensemble of `trials` (ranked best first) that greedy selection picks."""
     stored, kept = [], []
     for trial in trials:
-        if (predictions := stored_predictions(client, trial)) is not None:
+        if (predictions := stored_predictions(trial)) is not None:
             stored.append(predictions)
             kept.append(trial)
     skipped = len(trials) - len(kept)

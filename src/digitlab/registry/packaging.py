@@ -98,23 +98,25 @@ def source_val_accuracy(members: list[Run]) -> float:
     return float(np.mean(values)) if None not in values else float("nan")
 
 
-def evaluate(model, members: list[Run], groups: list[list[str]], dataset: data_mod.DigitData,
+def evaluate(model, members: list[Run], way, group_sizes: list[int], dataset: data_mod.DigitData,
              batch_size: int, tta: bool, weights: list[float] | None = None) -> dict:
     """Validation accuracy on the members' own split, holdout accuracy when labels exist.
 
     K-fold members are scored out of fold: each training image by the fold models that held
     it out (`folds.oof_probabilities`), not by all of them, most of which trained on it.
     Refits trained on every labelled image, so none is left to validate on: their source
-    trials' validation accuracy is recorded instead (`source_val_accuracy`).
+    trials' validation accuracy is recorded instead (`source_val_accuracy`). `way`: how the
+    members were validated (`validation.from_runs`); `group_sizes`: how many of the serving
+    model's models each member brought (K for a K-fold trial).
     """
     if is_refit(members):
         metrics = {"source_val_accuracy": source_val_accuracy(members)}
     else:
-        # by the serving code, on the images the members held out, as their runs recorded them
-        import keras
-
-        models = [[keras.saving.load_model(path, compile=False) for path in group] for group in groups]
-        metrics = {"val_accuracy": validation.from_runs(members).score(models, dataset, tta, weights)}
+        # by the serving code, on the images the members held out, as their runs recorded
+        # them (`way`); the Keras models are the ones the serving model loaded, member by member
+        served = iter(model.unwrap_python_model().models)
+        models = [[next(served) for _ in range(n)] for n in group_sizes]
+        metrics = {"val_accuracy": way.score(models, dataset, tta, weights)}
     if dataset.test_labels is not None:
         metrics["holdout_accuracy"] = float(np.mean(
             predict_labels(model, to_rows(dataset.test_images), batch_size) == dataset.test_labels))
@@ -172,17 +174,17 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
     with tempfile.TemporaryDirectory() as tmp:
         # Every model of every member is one artifact (serving.py averages member_*): a
         # K-fold trial brings its K fold models, an ensemble of N such trials N x K.
-        artifacts, groups, model_weights = {}, [], []
+        artifacts, sizes, model_weights = {}, [], []  # sizes: models of each member
         for member, weight in zip(members, weights or [1.0] * len(members), strict=True):
-            groups.append([])
-            for source in keras_files(member):
+            sources = keras_files(member)
+            for source in sources:
                 target = Path(tmp) / f"member_{len(artifacts)}.keras"
                 shutil.copyfile(source, target)
                 check_member_loads(str(target), member.info.run_id)
                 artifacts[target.stem] = str(target)
-                groups[-1].append(str(target))
+            sizes.append(len(sources))
             # a K-fold member's weight is shared by its fold models
-            model_weights += [weight / len(groups[-1])] * len(groups[-1])
+            model_weights += [weight / len(sources)] * len(sources)
         kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
         if len(artifacts) > len(members):  # members of several models each (K folds)
             plural = "s" if len(members) > 1 else ""
@@ -216,8 +218,8 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
                     pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
                 )
                 model = mlflow.pyfunc.load_model(info.model_uri)
-                metrics = evaluate(model, members, groups, dataset, pol.predict_batch_size, tta,
-                                   weights)
+                metrics = evaluate(model, members, way, sizes, dataset,
+                                   pol.predict_batch_size, tta, weights)
             except Exception as exc:  # the packaged model fails where the members loaded
                 runs = ", ".join(m.info.run_id for m in members)
                 raise UserError(f"the serving model of run{'s' if len(members) > 1 else ''} {runs} "
