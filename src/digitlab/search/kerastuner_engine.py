@@ -32,25 +32,25 @@ class OutOfTime(Exception):
 def _oracle(settings: Settings):
     import keras_tuner as kt
 
-    space = settings.study_file
+    study_file = settings.study_file
     common = dict(
-        objective=kt.Objective(space.objective.metric,
-                               "max" if space.objective.direction == "maximize" else "min"),
-        hyperparameters=params.kerastuner_hyperparameters(space.params),
+        objective=kt.Objective(study_file.objective.metric,
+                               "max" if study_file.objective.direction == "maximize" else "min"),
+        hyperparameters=params.kerastuner_hyperparameters(study_file.params),
         allow_new_entries=False,
         tune_new_entries=False,
         seed=settings.seed,
-        max_consecutive_failed_trials=space.max_consecutive_failures,
+        max_consecutive_failed_trials=study_file.max_consecutive_failures,
     )
-    if space.kerastuner.tuner == "hyperband":
+    if study_file.kerastuner.tuner == "hyperband":
         # Many brackets, so that the trial budget below, not Hyperband, ends the search.
         oracle_class = kt.oracles.HyperbandOracle
         options = dict(max_epochs=settings.max_epochs, factor=3, hyperband_iterations=1000)
-    elif space.kerastuner.tuner == "bayesian":
+    elif study_file.kerastuner.tuner == "bayesian":
         oracle_class, options = kt.oracles.BayesianOptimizationOracle, {}
     else:
         oracle_class, options = kt.oracles.RandomSearchOracle, {}
-    oracle = _starting(oracle_class, space.start)(**options, **common)
+    oracle = _starting(oracle_class, study_file.start)(**options, **common)
     oracle.max_trials = settings.trials  # Hyperband takes no max_trials argument
     return oracle
 
@@ -159,8 +159,8 @@ class KerasTunerEngine:
             raise
 
     def _run(self, trial) -> dict[str, float]:
-        space = self.settings.study_file
-        values = {p.key: params.rounded(trial.hyperparameters.get(p.key)) for p in space.params}
+        study_file = self.settings.study_file
+        values = {p.key: params.rounded(trial.hyperparameters.get(p.key)) for p in study_file.params}
         epochs = trial.hyperparameters.values.get("tuner/epochs")
         log.info("trial %s: %s%s", trial.trial_id, console.values(values),
                  f" for {epochs} epochs" if epochs else "")
@@ -175,13 +175,13 @@ class KerasTunerEngine:
             self._save()
 
         outcome = trial_mod.run_trial(
-            space, values, data=self.data, seed=self.settings.seed, engine=self.name,
+            study_file, values, data=self.data, seed=self.settings.seed, engine=self.name,
             number=int(trial.trial_id), parent_run_id=self.parent, experiment_id=self.experiment_id,
             epochs=int(epochs) if epochs else None, on_start=started,
         )
         if outcome.state != trial_mod.COMPLETE:
             raise RuntimeError(outcome.error or "trial failed")  # KerasTuner marks it FAILED
-        return {space.objective.metric: outcome.value}
+        return {study_file.objective.metric: outcome.value}
 
     def rows(self) -> list[dict]:
         rows = []

@@ -97,23 +97,24 @@ class OptunaEngine:
     def check_compatible(self) -> None:
         """A resumed study must have the same space and direction; a new one records them."""
         attrs = self.study.user_attrs
-        space = self.settings.study_file
+        study_file = self.settings.study_file
         if "space_fingerprint" not in attrs:
-            self.study.set_user_attr("space_fingerprint", space.fingerprint())
-            self.study.set_user_attr("space_path", space.path)
+            self.study.set_user_attr("space_fingerprint", study_file.fingerprint())
+            self.study.set_user_attr("space_path", study_file.path)
             self.study.set_user_attr("engine", self.name)
-            self.study.set_metric_names([space.objective.metric])  # named in optuna-dashboard and plots
-            if space.start:  # the first trial of a new study; TPE samples any key not given
-                self.study.enqueue_trial({k: params.encode(v) for k, v in space.start.items()},
+            self.study.set_metric_names([study_file.objective.metric])  # named in optuna-dashboard and plots
+            if study_file.start:  # the first trial of a new study; TPE samples any key not given
+                self.study.enqueue_trial({k: params.encode(v) for k, v in study_file.start.items()},
                                          skip_if_exists=True)
             return
-        if self.study.direction.name.lower() != space.objective.direction:
+        if self.study.direction.name.lower() != study_file.objective.direction:
             raise UserError(
                 f"study {self.settings.study!r} maximises/minimises differently "
-                f"({self.study.direction.name.lower()}) from {space.path} ({space.objective.direction}); "
+                f"({self.study.direction.name.lower()}) from {study_file.path} "
+                f"({study_file.objective.direction}); "
                 "use another --study name"
             )
-        if attrs["space_fingerprint"] != space.fingerprint():
+        if attrs["space_fingerprint"] != study_file.fingerprint():
             raise UserError(
                 f"study {self.settings.study!r} was created from a different search file "
                 f"({attrs.get('space_path')}); resume it with the same file or use another --study name"
@@ -182,12 +183,12 @@ class OptunaEngine:
     # --- the worker loop ---------------------------------------------------------
 
     def work(self, data, parent_run_id: str, experiment_id: str) -> None:
-        space = self.settings.study_file
+        study_file = self.settings.study_file
         failures_in_a_row = 0
         while (trial := self._reserve()) is not None:
             # Values are drawn when suggested, by the study's sampler at that moment.
             self.study.sampler = _sampler(self.settings, trial.number)
-            values = {p.key: params.rounded(params.suggest(trial, p)) for p in space.params}
+            values = {p.key: params.rounded(params.suggest(trial, p)) for p in study_file.params}
 
             def report(step: int, value: float, trial=trial) -> bool:
                 trial.report(value, step)
@@ -196,7 +197,7 @@ class OptunaEngine:
             log.info("trial %d: %s", trial.number, console.values(values))
             with coordination.heartbeat(self.storage_url, self.storage, trial):
                 outcome = trial_mod.run_trial(
-                    space, values, data=data, seed=self.settings.seed, engine=self.name,
+                    study_file, values, data=data, seed=self.settings.seed, engine=self.name,
                     number=trial.number, parent_run_id=parent_run_id, experiment_id=experiment_id,
                     report=report,
                     on_start=lambda run_id, trial=trial: trial.set_user_attr("mlflow_run_id", run_id),
@@ -211,7 +212,7 @@ class OptunaEngine:
                 trial.set_user_attr("fail_reason", outcome.error or "failed")
                 self.study.tell(trial, state=TrialState.FAIL)
                 failures_in_a_row += 1
-                if failures_in_a_row >= space.max_consecutive_failures:
+                if failures_in_a_row >= study_file.max_consecutive_failures:
                     raise SearchFailed(
                         f"{failures_in_a_row} trials failed in a row (last: {outcome.error}); "
                         "stopping the search"

@@ -81,11 +81,11 @@ def measure(settings: Settings, data: DigitData) -> Plan:
     from digitlab import data as data_mod
     from digitlab import train
 
-    space = settings.study_file
-    config = space.trial_config(dict(space.start), settings.seed, 0)
+    study_file = settings.study_file
+    config = study_file.trial_config(dict(study_file.start), settings.seed, 0)
     t = config.training
-    k = space.validator.models_per_run
-    split = data_mod.split(data, space.validator.timing_fraction(config), config.split_seed)
+    k = study_file.validator.models_per_run
+    split = data_mod.split(data, study_file.validator.timing_fraction(config), config.split_seed)
     timed = dataclasses.replace(config, training=dataclasses.replace(
         t, epochs=2, epoch_images=TIMED_BATCHES * t.batch_size, subset_images=0, subset_epochs=0,
         early_stopping=dataclasses.replace(t.early_stopping, enabled=False),
@@ -99,8 +99,9 @@ def measure(settings: Settings, data: DigitData) -> Plan:
     step = max(result.epoch_seconds[-1] - val_seconds, 0.0) / TIMED_BATCHES
     n = len(split.train_labels)
     steps = math.ceil((t.epoch_images or n) / t.batch_size)
-    return Plan(epoch_seconds=steps * step + val_seconds, epochs=space.budget.max_epochs,
-                first_rung=space.optuna.min_epochs if stops_early(settings) else space.budget.max_epochs,
+    epochs = study_file.budget.max_epochs
+    return Plan(epoch_seconds=steps * step + val_seconds, epochs=epochs,
+                first_rung=study_file.optuna.min_epochs if stops_early(settings) else epochs,
                 runs_per_trial=k, epoch_images=steps * t.batch_size, train_images=n)
 
 

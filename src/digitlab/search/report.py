@@ -41,19 +41,19 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
     else:
         experiment_id = store.experiment_id()
         run_id = client.create_run(experiment_id, run_name=settings.study).info.run_id
-    space = settings.study_file
+    study_file = settings.study_file
     # `mlflow run` has already logged its -P parameters (with their raw values) here
     already = client.get_run(run_id).data.params
     for key, value in {
-        "space": space.path, "engine": settings.engine, "study": settings.study,
-        "experiments": ",".join(space.experiments), "objective.metric": space.objective.metric,
-        "objective.direction": space.objective.direction, "budget.trials": settings.trials,
+        "space": study_file.path, "engine": settings.engine, "study": settings.study,
+        "experiments": ",".join(study_file.experiments), "objective.metric": study_file.objective.metric,
+        "objective.direction": study_file.objective.direction, "budget.trials": settings.trials,
         "budget.max_epochs": settings.max_epochs,
-        "budget.minutes": space.budget.minutes or "none", "seed": settings.seed,
+        "budget.minutes": study_file.budget.minutes or "none", "seed": settings.seed,
         "storage": redact(settings.storage) if settings.storage else "default",
         "workers": settings.workers,
-        "optuna.sampler": space.optuna.sampler, "optuna.pruner": space.optuna.pruner,
-        "kerastuner.tuner": space.kerastuner.tuner,
+        "optuna.sampler": study_file.optuna.sampler, "optuna.pruner": study_file.optuna.pruner,
+        "kerastuner.tuner": study_file.kerastuner.tuner,
     }.items():
         if key not in already:
             client.log_param(run_id, key, str(value))
@@ -62,7 +62,7 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
     client.set_tag(run_id, "reproduce", reproduce_command(settings))
     client.set_tag(run_id, "mlflow.source.name", "digitlab search")
     client.set_tag(run_id, "mlflow.note.content", describe(settings))
-    client.log_artifact(run_id, space.path)
+    client.log_artifact(run_id, study_file.path)
     return run_id, experiment_id
 
 
@@ -82,11 +82,11 @@ def reproduce_command(settings: Settings) -> str:
     """The command that runs this study again (or resumes it: the same study name)."""
     import shlex
 
-    space = settings.study_file
-    words = ["digitlab", "search", "--space", space.path, "--engine", settings.engine,
+    study_file = settings.study_file
+    words = ["digitlab", "search", "--space", study_file.path, "--engine", settings.engine,
              "--trials", str(settings.trials), "--max-epochs", str(settings.max_epochs)]
-    if space.budget.minutes:
-        words += ["--minutes", f"{space.budget.minutes:g}"]
+    if study_file.budget.minutes:
+        words += ["--minutes", f"{study_file.budget.minutes:g}"]
     words += settings.validation.options()
     words += ["--seed", str(settings.seed), "--study", settings.study]
     if settings.storage:  # a password in it stays out of the store: anyone may read runs
@@ -106,25 +106,25 @@ def _range(p: Param) -> str:
 
 def describe(settings: Settings, best: dict | None = None) -> str:
     """The parent run's description (Markdown): what the study searches, how, and its best."""
-    space = settings.study_file
-    engine = (f"Optuna, {space.optuna.sampler} sampler, {space.optuna.pruner} pruner"
-              if settings.engine == "optuna" else f"KerasTuner, {space.kerastuner.tuner} tuner")
+    study_file = settings.study_file
+    engine = (f"Optuna, {study_file.optuna.sampler} sampler, {study_file.optuna.pruner} pruner"
+              if settings.engine == "optuna" else f"KerasTuner, {study_file.kerastuner.tuner} tuner")
     budget = f"{settings.trials} trials of up to {settings.max_epochs} epochs"
-    if space.budget.minutes:
-        budget += f", none started after {space.budget.minutes:g} minutes"
-    lines = [f"**{settings.study}**" + (f": {space.description}" if space.description else ""),
+    if study_file.budget.minutes:
+        budget += f", none started after {study_file.budget.minutes:g} minutes"
+    lines = [f"**{settings.study}**" + (f": {study_file.description}" if study_file.description else ""),
              "",
-             f"- experiments: {', '.join(space.experiments)}",
-             f"- objective: {space.objective.direction} {space.objective.metric}"
+             f"- experiments: {', '.join(study_file.experiments)}",
+             f"- objective: {study_file.objective.direction} {study_file.objective.metric}"
              + settings.validation.describe(),
              f"- engine: {engine}",
              f"- budget: {budget}",
-             f"- space: {'; '.join(_range(p) for p in space.params)}",
+             f"- space: {'; '.join(_range(p) for p in study_file.params)}",
              f"- reproduce: `{reproduce_command(settings)}`"]
     if best:
         values = console.values({k.removeprefix("params."): v for k, v in best.items()
                                  if k.startswith("params.") and v is not None})
-        lines.append(f"- best: trial {best['number']}, {space.objective.metric} "
+        lines.append(f"- best: trial {best['number']}, {study_file.objective.metric} "
                      f"{best['value']:.4f} ({values})")
     return "\n".join(lines)
 
@@ -185,7 +185,7 @@ def replay(settings: Settings, rows: list[dict]) -> optuna.Study:
 def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str = "FINISHED") -> dict:
     """Log the trials table, the plots and the best trial to the parent run; end it."""
     client = MlflowClient()
-    space = settings.study_file
+    study_file = settings.study_file
     table = pd.DataFrame(rows).sort_values("number") if rows else pd.DataFrame()
     if not table.empty:
         client.log_text(parent_run_id, table.to_csv(index=False), "trials.csv")
@@ -198,7 +198,7 @@ def finish(settings: Settings, parent_run_id: str, rows: list[dict], status: str
     ranked = ranking.ranked_trials(client, client.get_run(parent_run_id))
     best = next((done[t.info.run_id] for t in ranked if t.info.run_id in done), None)
     if best:
-        client.log_metric(parent_run_id, f"best_{space.objective.metric}", float(best["value"]))
+        client.log_metric(parent_run_id, f"best_{study_file.objective.metric}", float(best["value"]))
         client.log_metric(parent_run_id, "best_value", float(best["value"]))
         client.set_tag(parent_run_id, "best_trial_number", str(best["number"]))
         for key, value in best.items():

@@ -60,10 +60,10 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
     # they meet the same rules (e.g. optuna.min_epochs <= budget.max_epochs); so does
     # --folds (e.g. an objective that has an out-of-fold value).
     budget = {"trials": trials or None, "max_epochs": max_epochs or None, "minutes": minutes or None}
-    space: StudyFile = space_mod.load(space_path, {k: v for k, v in budget.items() if v},
+    study_file: StudyFile = space_mod.load(space_path, {k: v for k, v in budget.items() if v},
                                       folds=folds or None)
     # A K-fold study of a file is another study than its single-split one (their objectives
     # differ), so by default it gets a name of its own and neither resumes the other.
-    default = f"{space.name}-{engine}{space.validator.study_suffix()}"
-    return Settings(study_file=space, engine=engine, study=study or default,
+    default = f"{study_file.name}-{engine}{study_file.validator.study_suffix()}"
+    return Settings(study_file=study_file, engine=engine, study=study or default,
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed)

@@ -37,15 +37,15 @@ class Outcome:
     error: str | None = None
 
 
-def objective_value(space: StudyFile, result: train.Result) -> float | None:
+def objective_value(study_file: StudyFile, result: train.Result) -> float | None:
     """The score of the model the trial hands on, not of its best epoch: a trial that kept
     its last weights is ranked by them, or the search would rank weights nobody registers.
     Validation accuracy and cross-entropy are measured on that model itself, so they are
     right whichever weights were restored; the other metrics are the last epoch's."""
-    if space.objective.metric in ("val_accuracy", "val_crossentropy"):
-        value = getattr(result, space.objective.metric)
+    if study_file.objective.metric in ("val_accuracy", "val_crossentropy"):
+        value = getattr(result, study_file.objective.metric)
     else:
-        value = (result.history.get(space.objective.metric) or [math.nan])[-1]
+        value = (result.history.get(study_file.objective.metric) or [math.nan])[-1]
     return value if math.isfinite(value) else None
 
 
@@ -56,7 +56,7 @@ def failed(message: str, reason: str, log_result: bool = True) -> Verdict:
                          "fail_reason": reason[:250]})  # filter by tags.fail_reason
 
 
-def judge(space: StudyFile, hook, validation) -> Callable[[train.Result], Verdict]:
+def judge(study_file: StudyFile, hook, validation) -> Callable[[train.Result], Verdict]:
     def verdict(result: train.Result) -> Verdict:
         pruned = hook is not None and hook.pruned_at is not None
         failure = result.failure
@@ -65,9 +65,10 @@ def judge(space: StudyFile, hook, validation) -> Callable[[train.Result], Verdic
         # diverged one fails.
         if failure is not None and not (pruned and failure.reason != train.DIVERGED):
             return failed(failure.message, failure.reason)
-        value = objective_value(space, result)
+        value = objective_value(study_file, result)
         if value is None:
-            return failed(f"no finite {space.objective.metric}", f"no finite {space.objective.metric}", log_result=False)
+            reason = f"no finite {study_file.objective.metric}"
+            return failed(reason, reason, log_result=False)
         state = PRUNED if pruned else COMPLETE
         metrics = {"objective": value}
         if state == COMPLETE:
@@ -79,7 +80,7 @@ def judge(space: StudyFile, hook, validation) -> Callable[[train.Result], Verdic
 
 
 def run_trial(
-    space: StudyFile,
+    study_file: StudyFile,
     values: dict[str, Any],
     *,
     data: DigitData,
@@ -95,9 +96,9 @@ def run_trial(
     from digitlab.callbacks import PruningHook
 
     values = {k: decode(v) for k, v in values.items()}
-    config = space.trial_config(values, seed, number, epochs)
-    hook = PruningHook(space.objective.metric, report) if report else None
-    validation = space.validator.for_run(number)
+    config = study_file.trial_config(values, seed, number, epochs)
+    hook = PruningHook(study_file.objective.metric, report) if report else None
+    validation = study_file.validator.for_run(number)
     tags = {"trial_number": number, "engine": engine, "trial_state": "RUNNING"}
     started: list[str] = []
 
@@ -108,7 +109,7 @@ def run_trial(
 
     try:
         run_id, result, verdict = tracked_run(
-            config, data, name=f"trial-{number}", judge=judge(space, hook, validation), tags=tags,
+            config, data, name=f"trial-{number}", judge=judge(study_file, hook, validation), tags=tags,
             params={f"sampled.{k}": json.dumps(v) if isinstance(v, list) else v
                     for k, v in values.items()},
             callbacks=[hook] if hook else [], parent_run_id=parent_run_id,
@@ -125,7 +126,7 @@ def run_trial(
         for key, value in failed(error, type(exc).__name__).tags.items():
             client.set_tag(started[0], key, value)
         outcome = Outcome(FAIL, None, started[0], 0, error)
-    log_outcome(space.scored_by, number, outcome)
+    log_outcome(study_file.scored_by, number, outcome)
     return outcome
 
 
