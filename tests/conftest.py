@@ -34,6 +34,14 @@ def load_benchmark(path: str):
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def study_name(base: str, data_dir) -> str:
+    """A default study's name on `data_dir`: on data other than the embedded demo's it ends
+    in the data's short digest (`search.for_data`)."""
+    from digitlab import data
+
+    return f"{base}-{data.load(data_dir).digest[:8]}"
+
+
 # A search that trains in seconds on `tiny_dir`: a narrow basic CNN, two knobs.
 TINY_SPACE = """
 experiments: [basic_cnn]

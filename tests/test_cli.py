@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from digitlab import cli
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.subprocess
@@ -60,6 +61,9 @@ def test_train_from_a_folder_without_config_folders_is_quiet(workdir, tiny_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not LIBRARY_NOISE.search(proc.stderr), proc.stderr[-3000:]
     assert "basic_cnn: best val_accuracy" in proc.stdout
+    # before training: its length and the time it takes here, timed as a search's plan is
+    assert re.fullmatch(r"basic_cnn: 1 epochs of one pass \(270 images, 1 passes over 270 training "
+                        r"images\); about \d+ s here", proc.stdout.splitlines()[0]), proc.stdout[:500]
     assert "browse it with: digitlab ui, then http://127.0.0.1:5000/#/experiments/" in proc.stdout
     assert "mlflow ui" not in proc.stdout
     assert (workdir / "mlflow.db").is_file()
@@ -142,3 +146,12 @@ def test_the_wheel_ships_the_config_folders(tmp_path):
         capture_output=True, text=True, check=True, timeout=120).stdout.splitlines()
     assert found == [str(tmp_path / "site" / "digitlab" / "defaults" / "search" / "default.yaml"),
                      "digit-recognizer"]
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"digitlab {version('digitlab')}"

@@ -178,6 +178,19 @@ def test_data_command_writes_and_checks(workdir, capsys):
     assert cli.main(["data"]) == 0  # second time: checks the existing directory
 
 
+def test_a_missing_folder_the_user_named_gets_no_demo(workdir, capsys):
+    typo = workdir / "kagle" / "digit-recognizer"
+    assert cli.main(["data", "--data-dir", str(typo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"digitlab: error: {typo}: data directory not found (nothing written); --demo "
+                   "writes the embedded MNIST subset there"]
+    assert not (workdir / "kagle").exists()
+    # asked for: the demo goes there, and only into a new folder
+    assert cli.main(["data", "--data-dir", str(typo), "--demo"]) == 0
+    assert "4000 training images" in capsys.readouterr().out
+    assert cli.main(["data", "--data-dir", str(typo), "--demo"]) == 2
+
+
 def test_split_is_stratified_and_seeded(embedded_dir):
     loaded = data.load(embedded_dir)
     a = data.split(loaded, 0.1, seed=3)
@@ -225,3 +238,7 @@ def test_idx_count_mismatch_is_an_error(tmp_path):
 def test_missing_directory_is_an_error(tmp_path):
     with pytest.raises(DataError, match="data directory not found"):
         data.load(tmp_path / "nope")
+
+
+def test_the_embedded_digest_is_what_write_embedded_writes(embedded_dir):
+    assert data.load(embedded_dir).digest == data.EMBEDDED_DIGEST

@@ -304,7 +304,41 @@ def test_the_search_file_example_loads_and_shows_every_key(workdir):
     path = workdir / "example.yaml"
     path.write_text(example)
     study_file = space.load(path)
-    assert study_file.validation.folds == 5 and study_file.budget.minutes == 30
+    assert study_file.validation.folds == 5 and study_file.budget.minutes == 90
+    assert study_file.final.models == 2 and study_file.final.passes == 16
     shown = {key for key, *_ in config_reference.rows(space.StudyFile)
              if f"{key.rsplit('.', 1)[-1]}:" in example}
     assert shown == {key for key, *_ in config_reference.rows(space.StudyFile)}
+
+
+FIGURE = re.compile(r"\d[\d,.]*\s*(?:%|min|s|GB|MB|images/s|rows/s)(?![\w])")
+
+
+def figure_problems(readme: str, performance: str) -> list[str]:
+    """Each figure of the README's Performance table must be in docs/performance.md, the one
+    place figures are recorded: a README row whose figure the page does not state (or states
+    otherwise) is a problem, named by its line."""
+    problems = []
+    section = readme.split("## Performance", 1)[1].split("\n## ", 1)[0]
+    start = readme[: readme.index("## Performance")].count("\n") + 1
+    for offset, line in enumerate(section.splitlines()):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not line.lstrip().startswith("|") or cells[0] in ("measure", "") \
+                or set(cells[0]) <= set("-: "):
+            continue
+        for figure in FIGURE.findall(cells[1]):
+            if figure not in performance:
+                problems.append(f"README.md:{start + offset}: {figure} ({cells[0]}) is not what "
+                                "docs/performance.md records")
+    return problems
+
+
+def test_every_readme_figure_is_the_one_docs_performance_records():
+    readme = (REPO / "README.md").read_text()
+    performance = (REPO / "docs" / "performance.md").read_text()
+    assert not figure_problems(readme, performance)
+    # and the check can fail: a figure the page does not state is named with its line
+    wrong = readme.replace("| training throughput", "| training throughput (was 1,234 images/s)", 1)
+    wrong = re.sub(r"(\| training throughput[^|]*\| )", r"\g<1>1,234 images/s; ", wrong, count=1)
+    problems = figure_problems(wrong, performance)
+    assert problems and "1,234 images/s (training throughput" in problems[0]

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from digitlab import cli
-from digitlab.registry import ensemble
+from digitlab.search import ensemble
 from digitlab.tracking import PREDICTIONS_ARTIFACT
 from tests.conftest import TINY_SPACE
 

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from digitlab import cli, folds, submission
 from digitlab.search import trial as trial_mod
-from tests.conftest import TINY_SPACE, kill_during_trial
+from tests.conftest import TINY_SPACE, kill_during_trial, study_name
 
 KFOLD_SPACE = TINY_SPACE.replace("budget: {trials: 3, max_epochs: 2}",
                                  "budget: {trials: 2, max_epochs: 1}\nvalidation: {folds: 3}")
@@ -196,4 +196,4 @@ def test_mlflow_run_search_takes_folds(workdir, tiny_dir):
     (trial,) = trial_runs()
     assert trial.data.tags["validation_folds"] == "2" and "oof_accuracy" in trial.data.metrics
     parent = MlflowClient().get_run(trial.data.tags["mlflow.parentRunId"])
-    assert parent.info.run_name == "space-optuna-2fold"
+    assert parent.info.run_name == study_name("space-optuna-2fold", tiny_dir)

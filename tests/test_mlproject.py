@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import EXPERIMENTS, REPO, TINY_SPACE
+from tests.conftest import EXPERIMENTS, REPO, TINY_SPACE, study_name
 
 pytestmark = pytest.mark.subprocess
 
@@ -38,12 +38,15 @@ def finished_runs(workdir: Path):
 
 
 def test_main_entry_point(workdir, tiny_dir):
-    proc = mlflow_run(workdir, "main", "experiment=dnn", "epochs=1", f"data_dir={tiny_dir}")
+    # config overrides as --set takes them, several in one parameter (a value with spaces too)
+    proc = mlflow_run(workdir, "main", "experiment=dnn", "epochs=1", f"data_dir={tiny_dir}",
+                      "set=model.dropout=0.25 model.dense_units=[32, 16]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = finished_runs(workdir)
     assert run.info.status == "FINISHED"
     assert run.data.tags["experiment"] == "dnn"
     assert "best_val_accuracy" in run.data.metrics
+    assert run.data.params["model.dropout"] == "0.25" and run.data.params["model.dense_units"] == "[32, 16]"
 
 
 def test_the_readme_loop_lands_in_digit_recognizer_without_naming_an_experiment(workdir, tiny_dir):
@@ -63,7 +66,7 @@ def test_the_readme_loop_lands_in_digit_recognizer_without_naming_an_experiment(
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     (search,) = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list",
                                    filter_string="tags.search_study LIKE '%'")
-    assert search.data.tags["search_study"] == "quick-optuna"
+    assert search.data.tags["search_study"] == study_name("quick-optuna", tiny_dir)
     assert search.data.params["budget.trials"] == "2"
     version = MlflowClient().get_model_version_by_alias("digit-recognizer", "production")
     assert version.tags["search_run_id"] == search.info.run_id
@@ -107,7 +110,7 @@ def test_search_entry_point_in_a_uv_environment(workdir, tiny_dir):
     (parent,) = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list",
                                    filter_string="tags.search_study LIKE '%'")
     assert parent.data.tags["mlflow.project.env"] == "uv"
-    assert parent.data.tags["search_study"] == "space-optuna"
+    assert parent.data.tags["search_study"] == study_name("space-optuna", tiny_dir)
 
 
 @pytest.mark.slow

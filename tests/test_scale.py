@@ -14,8 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from digitlab import cli, config, data, runtime, stream, train
-from digitlab.search.plan import Plan
-from tests.conftest import TINY_SPACE, kill_during_trial
+from tests.conftest import TINY_SPACE, kill_during_trial, study_name
 
 # 300 labelled rows, 10% validate: 270 training images. Epochs of 64 images; the first one
 # on 100 of them; a refit when the search ends.
@@ -82,21 +81,6 @@ def test_subset_needs_epochs_of_fixed_size():
         config.load_experiment("basic_cnn", {"training.subset_images": 100, "training.subset_epochs": 1})
 
 
-def test_the_plan_says_when_the_budget_cannot_finish_a_full_trial():
-    plan = Plan(epoch_seconds=6.0, epochs=40, first_rung=1, runs_per_trial=1, epoch_images=3840,
-                train_images=39900)
-    line = plan.line(16)
-    assert line.startswith("plan: one full trial (40 epochs of 3,840 images, from 39,900 training "
-                           "images) takes about 4.0 min here; 16 min fit about 4 full trials or 160 "
-                           "first-rung ones")
-    short = plan.line(2)
-    assert "cannot finish one full trial" in short and "--minutes 4" in short
-    assert "--max-epochs 20" in short
-    # time left: the trials still to come, capped by the budget plus one started before its end
-    assert plan.seconds_left(0, 24, 0, 16) == pytest.approx(16 * 60 + 240)
-    assert plan.seconds_left(2, 4, 100, None) == pytest.approx(100)
-
-
 @pytest.fixture
 def refitted(workdir, tiny_dir, capsys):
     """A search with subset rungs and `refit: true`, and what it printed."""
@@ -113,11 +97,12 @@ def children(parent_id: str):
 
 def test_trials_record_their_fidelity_and_a_refit_trains_on_every_labelled_image(refitted, tiny_dir, capsys):
     assert refitted.err.splitlines()[0].startswith(
-        "plan: one full trial (3 epochs of 64 images, from 270 training images) takes about")
+        "plan: trials until the trial budget is spent, a full trial (3 epochs of 64 images, from "
+        "270 training images) about")
     client = MlflowClient()
     search = client.search_runs([client.get_experiment_by_name("digit-recognizer").experiment_id],
-                                "tags.search_study = 'study-optuna'")[0]
-    assert search.data.tags["budget_plan"].startswith("plan: one full trial")
+                                f"tags.search_study = '{study_name('study-optuna', tiny_dir)}'")[0]
+    assert search.data.tags["budget_plan"].startswith("plan: trials until")
     trials = [r for r in children(search.info.run_id) if "trial_number" in r.data.tags]
     assert len(trials) == 3
     for t in trials:  # fidelity reached: images seen, and the images they came from
@@ -150,18 +135,20 @@ def test_trials_record_their_fidelity_and_a_refit_trains_on_every_labelled_image
     assert version.tags["members"] == refit.info.run_id and version.tags["refit"] == "true"
     assert version.run_id == serving.info.run_id
     assert float(version.tags["val_accuracy"]) == pytest.approx(best.data.metrics["val_accuracy_final_model"])
-    assert "refitted on all 300 labelled images" in version.description
+    assert "trained on all 300 labelled images for 3 epochs" in version.description
     assert cli.main(["submit", "--data-dir", str(tiny_dir)]) == 0
 
 
 def test_the_gate_names_what_a_refit_is_compared_on(workdir, tiny_dir, capsys):
-    (workdir / "study.yaml").write_text(STUDY.replace("refit: true", ""))
+    (workdir / "study.yaml").write_text(STUDY.replace("refit: true", "").replace("pruner: hyperband",
+                                                                               "pruner: none"))
     assert cli.main(["search", "--space", "study.yaml", "--data-dir", str(tiny_dir)]) == 0
-    assert cli.main(["promote", "--data-dir", str(tiny_dir)]) == 0
+    # production is the top two averaged: a refit of the best alone is another model
+    assert cli.main(["promote", "--ensemble", "2", "--data-dir", str(tiny_dir)]) == 0
     # production without a holdout score: the gate cannot compare holdout accuracy
     MlflowClient().delete_model_version_tag("digit-recognizer", "1", "holdout_accuracy")
     capsys.readouterr()
-    assert cli.main(["promote", "--refit", "--min-delta", "1", "--data-dir", str(tiny_dir)]) == 0
+    assert cli.main(["promote", "--refit", "--min-delta", "1", "--data-dir", str(tiny_dir)]) == 3
     out = capsys.readouterr().out
     assert "val_accuracy of its source trials (a refit has no validation images left)" in out
     assert "aliases unchanged" in out

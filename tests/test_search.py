@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from digitlab import cli
 from digitlab.search import trial as trial_mod
-from tests.conftest import TINY_SPACE, kill_during_trial
+from digitlab.search.settings import Settings
+from tests.conftest import TINY_SPACE, kill_during_trial, study_name
 
 SPACE = TINY_SPACE
 
@@ -49,7 +50,7 @@ def test_optuna_search_logs_parent_and_one_nested_run_per_trial(space_file, tiny
     (parent,), children = split_runs()
     assert len(children) == 3
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name == "space-optuna"
+    assert parent.info.run_name == study_name("space-optuna", tiny_dir)
     assert parent.data.params["engine"] == "optuna"
     assert parent.data.params["budget.trials"] == "3"
     assert parent.data.params["space"].endswith("space.yaml")
@@ -107,23 +108,30 @@ def test_budget_is_a_total_and_resume_continues_the_parent(space_file, tiny_dir)
 
 @pytest.mark.parametrize("engine", ["optuna", "kerastuner"])
 def test_time_budget_stops_starting_trials_and_the_same_command_goes_on(
-        space_file, tiny_dir, capsys, engine):
-    # 0.0001 minutes are over before the first trial ends: each call runs exactly one.
-    args = search_args(space_file, tiny_dir, "--engine", engine, "--minutes", "0.0001")
+        space_file, tiny_dir, capsys, engine, monkeypatch):
+    # The trials' time is up as soon as one trial has ended (when the plan says the next one
+    # could not end in time: tests/test_final.py), so each call runs exactly one.
+    ended = []
+    logged, out_of_time = trial_mod.log_outcome, Settings.out_of_time
+    monkeypatch.setattr(trial_mod, "log_outcome", lambda *a: (ended.append(a), logged(*a)))
+    monkeypatch.setattr(Settings, "out_of_time", lambda self: bool(ended))
+    args = search_args(space_file, tiny_dir, "--engine", engine, "--minutes", "30")
     assert cli.main(args) == 0
-    assert "time budget of 0.0001 minutes used up before all 3 trials, 1 completed" in capsys.readouterr().out
+    assert "the trials' time was used up before all 3 trials, 1 completed" in capsys.readouterr().out
     (parent,), children = split_runs()
     assert len(children) == 1
-    assert parent.data.params["budget.minutes"] == "0.0001"
+    assert parent.data.params["budget.minutes"] == "30.0"
     assert parent.info.status == "FINISHED"
+    ended.clear()
     assert cli.main(args) == 0
     (again,), children = split_runs()
     assert again.info.run_id == parent.info.run_id and len(children) == 2
     assert all(c.data.tags["trial_state"] == "COMPLETE" for c in children)
     assert "before all 3 trials, 2 completed" in capsys.readouterr().out
     # Without a time budget the study runs to its trial budget.
+    monkeypatch.setattr(Settings, "out_of_time", out_of_time)
     assert cli.main(search_args(space_file, tiny_dir, "--engine", engine)) == 0
-    assert "time budget" not in capsys.readouterr().out
+    assert "time was used up" not in capsys.readouterr().out
     assert len(split_runs()[1]) == 3
 
 
@@ -365,7 +373,7 @@ def test_two_workers_share_one_study(space_file, tiny_dir, workdir):
     assert "locked" not in output.lower()
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
         str(workdir / "optuna.journal")))
-    study = optuna.load_study(study_name="space-optuna", storage=storage)
+    study = optuna.load_study(study_name=study_name("space-optuna", tiny_dir), storage=storage)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 6 and len(study.trials) == 6
     workers = {t.user_attrs["worker"] for t in study.trials}
@@ -388,7 +396,7 @@ def test_mlflow_run_search_entry_point(space_file, tiny_dir, workdir):
     assert len(children) == 2
     assert parent.data.params["engine"] == "optuna"
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name == "space-optuna"
+    assert parent.info.run_name == study_name("space-optuna", tiny_dir)
     # The same command on the finished study trains nothing; the run MLflow opened for it
     # points at the study's parent run instead of standing there empty.
     proc = mlflow_run(workdir, "search", f"space={space_file}", "trials=2", "max_epochs=1",

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from digitlab import cli
-from tests.conftest import TINY_SPACE, free_port
+from tests.conftest import TINY_SPACE, free_port, study_name
 from tests.screenshots import CHROMIUM, PICTURES, page_text, pictures, run_page, ui
 
 
@@ -31,7 +31,7 @@ def test_the_printed_url_shows_the_search_and_its_trials(workdir, tiny_dir, brow
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["digit-recognizer"],
                                                             output_format="list")}
-    parent, trial = runs["space-optuna"], runs["trial-0"]
+    parent, trial = runs[study_name("space-optuna", tiny_dir)], runs["trial-0"]
 
     port = free_port()
     with ui(workdir, port) as (url, lines):
@@ -71,7 +71,7 @@ def test_after_promote_and_two_submits_the_runs_table_still_opens_on_the_search(
     assert {r.data.tags.get("mlflow.parentRunId") for r in submits} == {version.run_id}
     runs = mlflow.search_runs(experiment_names=["digit-recognizer"], output_format="list")
     top_level = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [r.info.run_name for r in top_level] == ["space-optuna"]
+    assert [r.info.run_name for r in top_level] == [study_name("space-optuna", tiny_dir)]
     trial = mlflow.get_run(version.run_id).data.tags["mlflow.parentRunId"]  # the serving run's
 
     with ui(workdir, free_port()) as (url, _):

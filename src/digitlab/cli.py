@@ -14,6 +14,10 @@ from digitlab import console
 from digitlab.cli_parser import build_parser
 from digitlab.errors import SearchFailed, Terminated, TrainingFailed, UserError
 
+# `digitlab promote`'s exit status when it registered a version but the gate kept the
+# aliases where they were (2 is bad input, 1 a failed run).
+GATE_KEPT_ALIASES = 3
+
 
 def _keras_verbosity() -> int:
     """Keras's progress bar on a terminal, a line per epoch in a log file."""
@@ -24,7 +28,8 @@ def _experiment_config(name: str, args):
     """The experiment with --set overrides, then --epochs/--seed: each value checked."""
     from digitlab import config
 
-    overrides = dict(config.parse_override(p) for p in args.set or [])
+    overrides = dict(config.parse_override(p) for given in args.set or []
+                     for p in config.split_overrides(given))
     cfg = config.load_experiment(name, overrides)
     options = {}
     if args.epochs:  # 0 keeps the experiment's own (the MLproject default)
@@ -49,8 +54,15 @@ def cmd_data(args) -> int:
 
     directory = Path(args.data_dir)
     if not directory.exists():
+        # A folder the user named for their own data gets no demo in it: a mistyped path
+        # would otherwise hold the demo, and every later command would train on it.
+        if directory != data.DEFAULT_DATA_DIR and not args.demo:
+            raise UserError(f"{directory}: data directory not found (nothing written); "
+                            "--demo writes the embedded MNIST subset there")
         data.write_embedded(directory)
         print(f"wrote the embedded MNIST subset to {directory}/ in Kaggle layout")
+    elif args.demo:
+        raise UserError(f"{directory} exists: --demo writes the embedded subset only into a new folder")
     print(data.describe(data.load(directory)))
     return 0
 
@@ -62,9 +74,10 @@ def cmd_train(args) -> int:
     # checked before anything (a cache) is written into the user's data folder
     dataset = data.load(args.data_dir, lambda d: data.check_split(d, cfg.training.validation_fraction))
     console.import_backend()
-    from digitlab import store, tracked
+    from digitlab import store, tracked, train
 
     uri = store.configure()
+    print(train.length_line(cfg, dataset), flush=True)  # what it trains and for how long, first
     run_id, result, _ = tracked.tracked_run(cfg, dataset, verbose=_keras_verbosity())
     line = f"{cfg.name}: best val_accuracy {result.best_val_accuracy:.4f}"
     if result.holdout_accuracy is not None:
@@ -111,6 +124,7 @@ def cmd_search(args) -> int:
             settings.validation.check(dataset, config.load_experiment(name, settings.study_file.fixed))
 
     dataset = data.load(settings.data_dir, check)
+    settings = search.for_data(settings, dataset.digest, named=bool(args.study))
     console.import_backend()
     summary = search.run_study(settings, dataset)
     if summary.get("already_finished"):
@@ -122,9 +136,8 @@ def cmd_search(args) -> int:
         # Said here because `promote --ensemble K` needs K completed trials, and on a slow
         # machine the budget may complete fewer: running the search again adds more.
         completed = summary["states"].get("COMPLETE", 0)
-        print(f"time budget of {settings.study_file.budget.minutes:g} minutes used up before all "
-              f"{settings.trials} trials, {completed} completed (an ensemble of K needs K); "
-              "the same command goes on with the study")
+        print(f"the trials' time was used up before all {settings.trials} trials, {completed} "
+              "completed (an ensemble of K needs K); the same command goes on with the study")
     if not best:  # nothing to promote: a failed search, as Optuna users expect
         from digitlab.search import report
 
@@ -134,6 +147,10 @@ def cmd_search(args) -> int:
     print(f"best trial {best['number']}: {metric} {best['value']:.4f} (MLflow run {best['run_id']})")
     if refitted := summary.get("refit_run_id"):
         print(f"refitted trial {best['number']} on every labelled image: MLflow run {refitted}")
+    if finals := summary.get("final_run_ids"):
+        print(f"final training: {len(finals)} model{'s' if len(finals) > 1 else ''} on every labelled "
+              f"image (MLflow run{'s' if len(finals) > 1 else ''} {', '.join(finals)}); "
+              "promote registers their weighted average")
     print(f"parent MLflow run {summary['parent_run_id']}; next: digitlab promote"
           + (" --refit" if summary.get("refit_run_id") else ""))
     return 0
@@ -153,7 +170,7 @@ def cmd_promote(args) -> int:
     if args.rollback:
         print(registry.rollback(policy, dataset))
         return 0
-    moved, message, version = registry.promote(
+    refused, message, version = registry.promote(
         dataset, policy, search_run_id=args.search_run or None, run_id=args.run or None,
         ensemble=args.ensemble, tta=args.tta, min_delta=args.min_delta, force=args.force,
         refit=args.refit,
@@ -162,7 +179,9 @@ def cmd_promote(args) -> int:
     print(f"registered {version.name} version {version.version}: val_accuracy {tags.get('val_accuracy')}"
           + (f", holdout_accuracy {tags['holdout_accuracy']}" if "holdout_accuracy" in tags else ""))
     print(message)
-    return 0
+    # Registered but not promoted: a script's `promote && submit` must stop here, or it
+    # would export the production model it meant to replace.
+    return GATE_KEPT_ALIASES if refused else 0
 
 
 def cmd_submit(args) -> int:
@@ -175,9 +194,11 @@ def cmd_submit(args) -> int:
 
     store.configure()
     result = submission.submit(dataset, policy, model_uri=args.model_uri or None,
-                               output=args.output or None, kaggle_submit=args.kaggle_submit)
+                               output=args.output or None, kaggle_submit=args.kaggle_submit,
+                               force=args.force)
     print(f"wrote {result['path']}: {result['rows']} rows from {result['model_uri']}"
-          + (f" (version {result['version']})" if result["version"] else ""))
+          + (f" (version {result['version']}, trained on {result['trained_on']})"
+             if result["version"] else ""))
     if "holdout_accuracy" in result:
         print(f"holdout_accuracy {result['holdout_accuracy']:.4f}")
     print(f"recorded in MLflow run {result['run_id']}")

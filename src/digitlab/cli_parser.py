@@ -25,6 +25,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{help} (default: %(default)s)" if help else "default: %(default)s"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("digitlab")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def _boolean(text: str) -> bool:
     """true/false for options that `mlflow run -P name=...` passes a value to."""
     value = text.strip().lower()
@@ -40,8 +49,10 @@ def _flag(p, name: str, help: str) -> None:
                    help=help)
 
 
-def _ensemble(text: str) -> int | str:
-    """A positive number of trials, or `auto`."""
+def _ensemble(text: str) -> int | str | None:
+    """A positive number of trials, `auto`, or empty for "not given"."""
+    if not text.strip():
+        return None
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -70,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show library logs (TensorFlow, MLflow, Optuna) and per-epoch lines")
     parser = argparse.ArgumentParser(prog="digitlab", description=DESCRIPTION, epilog=EPILOG,
                                      parents=[common], formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"digitlab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, description: str | None = None):
@@ -87,11 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, default=0, help="epochs to train (0: the experiment's own)")
         p.add_argument("--seed", type=int, help="seed (default: the experiment's)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set model.dropout=0.3 (repeatable)")
+                       help="override a config value, e.g. --set model.dropout=0.3 (repeatable; "
+                            "one value may hold several pairs separated by spaces)")
         data_dir(p)
 
     p = command("data", "write the embedded MNIST subset in Kaggle layout, or check a data directory")
     data_dir(p)
+    _flag(p, "--demo", "write the embedded MNIST subset into --data-dir, a folder that does not "
+                       "exist yet (without it only the default folder gets the demo)")
 
     p = command("train", "train one experiment, tracked as an MLflow run")
     p.add_argument("--experiment", default="kaggle_cnn",
@@ -111,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=0, help="trial budget in total (0: the file's)")
     p.add_argument("--max-epochs", type=int, default=0, help="epochs per trial at most (0: the file's)")
     p.add_argument("--minutes", type=float, default=0,
-                   help="start no trial after this many minutes (0: the file's budget.minutes, if any)")
+                   help="the whole job's time, trials and final training together: the plan "
+                        "splits it, and nothing starts that cannot end within it (0: the file's "
+                        "budget.minutes; if none, budget.search_minutes of trials, then final "
+                        "training's planned length)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
     p.add_argument("--folds", type=int, default=0,
                    help="K-fold validation: each trial trains K models on stratified folds and "
@@ -120,18 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="",
                    help="Optuna: a journal file (empty: optuna.journal) or an RDB URL; "
                         "KerasTuner: a directory (empty: kerastuner/)")
-    p.add_argument("--study", default="", help="study name (empty: <search file>-<engine>); "
-                                                "the same name resumes the study")
+    p.add_argument("--study", default="", help="study name (empty: <search file>-<engine>, plus the "
+                                                "data's short digest on data other than the demo); "
+                                                "the same name resumes the study, on its own data only")
     p.add_argument("--seed", type=int, default=42, help="study seed: samplers and the validation split")
     data_dir(p)
 
     p = command("promote", "register the best model of a search and move the production alias")
     p.add_argument("--search-run", default="", help="search parent run id (empty: the latest search)")
     p.add_argument("--run", default="", help="promote this training or trial run instead")
-    p.add_argument("--ensemble", type=_ensemble, default=1, metavar="K|auto",
+    p.add_argument("--ensemble", type=_ensemble, default=None, metavar="K|auto",
                    help="average the top K trials of the search, or `auto`: the trials (and "
                         "weights) that greedy selection picks from every trial's held-out "
-                        "predictions")
+                        "predictions (empty or left out: the search's final models when it "
+                        "trained them, else its best trial)")
     _flag(p, "--tta", "average predictions over one-pixel shifts")
     p.add_argument("--min-delta", type=_optional_float, default=None, metavar="X",
                    help="required improvement over production (empty or left out: "
@@ -149,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="", help="CSV to write (empty: registry/policy.yaml's, "
                                                 "submissions/submission.csv)")
     _flag(p, "--kaggle-submit", "upload with the kaggle command")
+    _flag(p, "--force", "submit even a model trained on other data than --data-dir's train.csv")
     data_dir(p)
 
     p = command("server", "start a shared MLflow tracking server (PostgreSQL or SQLite backend)")

@@ -7,7 +7,7 @@ import logging
 import mlflow
 import pandas as pd
 
-from digitlab import plots, tracking
+from digitlab import plots, tracking, train
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData
 from digitlab.errors import TrainingFailed
@@ -25,7 +25,7 @@ def compare(configs: list[ExperimentConfig], data: DigitData, name: str = "compa
                            "data.digest": data.digest})
         mlflow.set_tag("data_digest", data.digest)
         for config in configs:
-            log.info("--- %s ---", config.name)
+            log.info("%s", train.length_line(config, data))
             try:
                 run_id, result, _ = tracked_run(config, data, nested=True, verbose=verbose)
             except TrainingFailed as exc:  # its run ended FAILED; the others still compare

@@ -8,6 +8,7 @@ same checks as the file: unknown keys and wrong types are errors, never ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,14 @@ def validate(config: ExperimentConfig) -> None:
 
 
 # --- overrides --------------------------------------------------------------------
+
+
+def split_overrides(text: str) -> list[str]:
+    """The `key=value` pairs of one argument: several may share it, separated by spaces
+    (`mlflow run -P set="model.dropout=0.3 training.epochs=5"`); a value may hold spaces
+    itself (`model.dense_units=[128, 64]`), so a pair ends only where a dotted key and `=`
+    follow."""
+    return [p for p in re.split(r"\s+(?=[A-Za-z_][\w.]*=)", text.strip()) if p]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -109,6 +109,11 @@ def import_backend() -> None:
         absl_logging.set_verbosity(absl_logging.ERROR)
 
 
+def duration(seconds: float) -> str:
+    """A time as a plan line says it: seconds below a minute and a half, else minutes."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def number(value) -> str:
     """A float as a person reads it (4 significant digits); anything else as it is."""
     if isinstance(value, float):

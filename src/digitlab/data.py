@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path("data/digit-recognizer")
 EMBEDDED_SEED = 0
 EMBEDDED_TEST_PER_CLASS = 100  # 5,000 images -> 4,000 train + 1,000 test
+# the content digest of what `write_embedded` writes (tests/test_data.py checks it): a
+# study on the demo keeps its plain name, one on other data is told apart by its digest
+EMBEDDED_DIGEST = "99f4600b2fc4e78a299621a1114de3349d70da2bb1b2c343447de934fe75e3f4"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ that was interrupted, or run again, does not train it twice.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -58,17 +59,29 @@ def length(run: Run) -> int:
     return int(epochs)
 
 
-def refit_config(run: Run):
-    """The trial's configuration for a refit: its length, every epoch on all images, and no
-    callback that watches validation images (there are none left)."""
-    config = rebuild(run)
-    return config_mod.apply_overrides(config, {
-        "training.epochs": length(run),
+def on_all_images(config, epochs: int, images: int | None = None):
+    """`config` trained on every labelled image for `epochs` epochs and no callback that
+    watches validation images (there are none left). With `images`, the run is that many
+    training images long: its epochs stay `epochs` and each grows to images / epochs, so
+    everything counted in epochs (the learning-rate annealer, weight averaging) keeps the
+    shape it had in the trial, stretched over the longer run."""
+    overrides = {
+        "training.epochs": epochs,
         "training.subset_epochs": 0,
+        "training.subset_images": 0,
         "training.early_stopping.enabled": False,
         "training.reduce_lr.enabled": False,
         "training.restore_best": False,
-    })
+    }
+    if images:
+        batch = config.training.batch_size
+        overrides["training.epoch_images"] = math.ceil(images / epochs / batch) * batch
+    return config_mod.apply_overrides(config, overrides)
+
+
+def refit_config(run: Run):
+    """The trial's configuration for a refit: its length, every epoch on all images."""
+    return on_all_images(rebuild(run), length(run))
 
 
 def _refits(client: MlflowClient, run: Run, condition: str) -> list[Run]:

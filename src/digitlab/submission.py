@@ -143,8 +143,26 @@ def _version_run(version):
         return None
 
 
+def trained_on(version) -> str:
+    """The data a registered version's model was trained on: source and short digest."""
+    digest = version.tags.get("data_digest", "")[:12] or "unknown"
+    source = version.tags.get("data_source")
+    return f"{source} ({digest})" if source else f"data {digest}"
+
+
+def check_data(version, dataset: data_mod.DigitData, model_uri: str) -> None:
+    """A model trained on other data than the folder's train.csv predicts that folder's
+    test.csv only with --force: a demo model's submission for Kaggle's test images is a
+    file that uploads without an error and scores like a mistake."""
+    if version is None or version.tags.get("data_digest") in (None, dataset.digest):
+        return
+    raise UserError(f"{model_uri} is version {version.version}, trained on {trained_on(version)}, "
+                    f"but {dataset.source} holds data {dataset.digest[:12]}: promote a model "
+                    "trained on it, or --force to submit this one anyway")
+
+
 def submit(dataset: data_mod.DigitData, pol, model_uri: str | None = None, output: str | None = None,
-           kaggle_submit: bool = False) -> dict:
+           kaggle_submit: bool = False, force: bool = False) -> dict:
     from tqdm import tqdm
 
     from digitlab import tracking
@@ -153,6 +171,8 @@ def submit(dataset: data_mod.DigitData, pol, model_uri: str | None = None, outpu
     model_uri = model_uri or f"models:/{pol.model_name}@{pol.production_alias}"
     output_path = Path(output or pol.submission_path)
     version = resolve_version(model_uri)
+    if not force:
+        check_data(version, dataset, model_uri)
     model = mlflow.pyfunc.load_model(model_uri)
     predicted = registry.predict_labels(
         model, registry.to_rows(dataset.test_images), pol.predict_batch_size,
@@ -160,7 +180,8 @@ def submit(dataset: data_mod.DigitData, pol, model_uri: str | None = None, outpu
     write(predicted, output_path)
 
     result = {"path": str(output_path), "rows": len(predicted), "model_uri": model_uri,
-              "version": version.version if version else None}
+              "version": version.version if version else None,
+              "trained_on": trained_on(version) if version else None}
     tags = {"digitlab.kind": "submit", "model_uri": model_uri, "data_digest": dataset.digest}
     if version:
         tags.update(model_name=version.name, model_version=version.version,

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from digitlab import console, models, runtime, stream
 from digitlab import data as data_mod
-from digitlab import models, runtime, stream
 from digitlab.callbacks import EpochRecorder, recipe_callbacks
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData, Split
@@ -255,6 +255,50 @@ def _planned_batches(split: Split, plan: stream.Plan) -> dict:
         .prefetch(tf.data.AUTOTUNE)
     )
     return dict(x=batches, steps_per_epoch=steps, shuffle=False)
+
+
+TIMED_BATCHES = 16  # per timed epoch: enough to average out a step's jitter, a few seconds
+TIMED_EPOCHS = 3  # the first also builds and compiles the model; the fastest of the others counts
+
+
+def time_step(config: ExperimentConfig, data: DigitData, split: Split) -> tuple[float, float]:
+    """Seconds of one training batch and of one validation pass of `config` on `split`,
+    from a few short untracked epochs: what a search's budget plan and `digitlab train`'s
+    length line extrapolate from. Each is timed once warm (the first epoch compiles the
+    training and evaluation functions, the first predict its own), since a plan that
+    counts compilation into every step overstates a long run several times over."""
+    import dataclasses
+
+    t = config.training
+    timed = dataclasses.replace(config, training=dataclasses.replace(
+        t, epochs=TIMED_EPOCHS, epoch_images=TIMED_BATCHES * t.batch_size, subset_images=0,
+        subset_epochs=0, early_stopping=dataclasses.replace(t.early_stopping, enabled=False),
+        reduce_lr=dataclasses.replace(t.reduce_lr, enabled=False), average_last_epochs=0,
+        restore_best=False))
+    result = run(timed, data, split=split, verbose=0)
+    val_seconds = float("inf")
+    for _ in range(2):  # the first call traces the predict function
+        started = time.perf_counter()
+        predict(result.model, split.val_images)
+        val_seconds = min(val_seconds, time.perf_counter() - started)
+    epoch = min(result.epoch_seconds[1:])
+    return max(epoch - val_seconds, 0.0) / TIMED_BATCHES, val_seconds
+
+
+def length_line(config: ExperimentConfig, data: DigitData) -> str:
+    """What `config` trains on `data` and how long that takes here, timed as a search's
+    plan is: "kaggle_cnn: 30 epochs of one pass (1,134,000 images, 30 passes over 37,800
+    training images); about 28.0 min here"."""
+    t = config.training
+    split = data_mod.split(data, t.validation_fraction, config.split_seed)
+    step, val_seconds = time_step(config, data, split)
+    n = len(split.train_labels)
+    steps = math.ceil((t.epoch_images or n) / t.batch_size)
+    images = t.epochs * (steps * t.batch_size if t.epoch_images else n)
+    epoch = f"{steps * t.batch_size:,} images" if t.epoch_images else "one pass"
+    seconds = t.epochs * (steps * step + val_seconds)
+    return (f"{config.name}: {t.epochs} epochs of {epoch} ({images:,} images, {images / n:.3g} passes "
+            f"over {n:,} training images); about {console.duration(seconds)} here")
 
 
 def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -39,19 +39,47 @@ def current(client: MlflowClient, name: str, alias: str):
         return None
 
 
-def gate_and_move(candidate, pol, min_delta: float, force: bool) -> tuple[bool, str]:
+def _sources(version) -> set[str]:
+    """The trial runs a version was trained from: its members, or what they refitted."""
+    tags = version.tags
+    return set(filter(None, (tags.get("refit_of") or tags.get("members", "")).split(",")))
+
+
+def refusal(candidate, production, min_delta: float) -> str | None:
+    """Why the gate keeps `production` rather than `candidate` (None: it moves).
+
+    Scores of models trained on different data are not compared at all. A refit or final
+    model whose source trials include everything production was made from is the same
+    configuration trained on every labelled image, at least as long: like with like, so
+    its source trials' validation score (the only one it has) tying production's is no
+    reason to keep production."""
+    c, p = candidate.tags, production.tags
+    if c.get("data_digest") != p.get("data_digest"):
+        return (f"version {candidate.version} was trained on data {str(c.get('data_digest'))[:12]}, "
+                f"production version {production.version} on {str(p.get('data_digest'))[:12]}: "
+                "their scores are not comparable")
+    if c.get("refit") == "true" and _sources(production) <= _sources(candidate):
+        return None
+    metric, new, old = comparable(candidate, production)
+    if not (new - old > 0 and new - old >= min_delta):
+        return (f"version {candidate.version} ({metric} {new:.4f}) does not beat production "
+                f"version {production.version} ({old:.4f}) by --min-delta {min_delta}")
+    return None
+
+
+def gate_and_move(candidate, pol, min_delta: float, force: bool) -> tuple[bool, str, bool]:
+    """Move the aliases to `candidate` if the gate lets it through: (moved, the line that
+    says what happened, whether the gate refused it)."""
     client = MlflowClient()
     name = pol.model_name
     with alias_lock(name):
         production = current(client, name, pol.production_alias)
         if production is not None and production.version == candidate.version:
-            return False, f"version {candidate.version} is already {pol.production_alias}"
+            return False, f"version {candidate.version} is already {pol.production_alias}", False
         if production is not None and not force:
-            metric, new, old = comparable(candidate, production)
-            if not (new - old > 0 and new - old >= min_delta):
-                return False, (f"version {candidate.version} ({metric} {new:.4f}) does not beat "
-                               f"{pol.production_alias} version {production.version} ({old:.4f}) by "
-                               f"--min-delta {min_delta}; aliases unchanged (--force overrides)")
+            if why := refusal(candidate, production, min_delta):
+                return False, (f"{why.replace('production', pol.production_alias, 1)}; aliases "
+                               "unchanged (--force overrides)"), True
         if production is not None:
             client.set_registered_model_alias(name, pol.previous_alias, production.version)
         client.set_registered_model_alias(name, pol.production_alias, candidate.version)
@@ -60,7 +88,10 @@ def gate_and_move(candidate, pol, min_delta: float, force: bool) -> tuple[bool, 
     if production is not None and not force:
         metric, new, old = comparable(candidate, production)
         compared = f"; compared {metric}: {new:.4f} against {old:.4f}"
-    return True, f"version {candidate.version} is now {pol.production_alias}{replaced}{compared}"
+        if candidate.tags.get("refit") == "true" and _sources(production) <= _sources(candidate):
+            compared = (f"; it is {pol.production_alias}'s configuration trained again on every "
+                        "labelled image")
+    return True, f"version {candidate.version} is now {pol.production_alias}{replaced}{compared}", False
 
 
 def rollback(pol, dataset: data_mod.DigitData) -> str:

@@ -236,6 +236,7 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         # For a refit, its source trials' (what the gate compares without a holdout)
         "val_accuracy": f"{validated:.6f}",
         "data_digest": dataset.digest,
+        "data_source": dataset.source,
         "members": ",".join(m.info.run_id for m in members),
         "tta": str(tta).lower(),
         "ensemble_members": str(len(artifacts)),  # models averaged: members x folds
@@ -243,7 +244,8 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         "search_run_id": search_run.info.run_id if search_run else "",
     }
     tags.update({k: str(v) for k, v in way.version_tags().items()})
-    if weights:
+    final = all(m.data.tags.get("digitlab.kind") == "final" for m in members)
+    if weights and not final:
         tags["ensemble"] = "auto"
         tags["ensemble_weights"] = ",".join(
             f"{m.data.tags.get('trial_number', m.info.run_id)}:{w:.4g}" for m, w in zip(members, weights, strict=True))
@@ -251,6 +253,13 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
         tags.update(refit="true", refit_of=",".join(m.data.tags["refit_of"] for m in members),
                     validation="none: refitted on every labelled image; val_accuracy is the "
                                "source trials'")
+    if final:
+        # what a final model is made of: its trials, length, seeds and weights
+        tags.update(final="true", final_trials=",".join(m.data.tags.get("trial_number", "?") for m in members),
+                    final_images=best.data.tags.get("final_images", ""),
+                    final_passes=best.data.tags.get("final_passes", ""),
+                    final_seeds=",".join(m.data.params.get("seed", "?") for m in members),
+                    final_weights=",".join(f"{w:.4g}" for w in (weights or [1 / len(members)] * len(members))))
     if "holdout_accuracy" in metrics:
         tags["holdout_accuracy"] = f"{metrics['holdout_accuracy']:.6f}"
     for key, value in tags.items():
@@ -259,10 +268,12 @@ def register(members: list[Run], search_run: Run | None, tta: bool, dataset: dat
     description = (
         f"{kind} from {'search run ' + search_run.info.run_id if search_run else 'run ' + best.info.run_id}"
         f" (trial {tags['trial_number'] or '-'}, experiment {best.data.tags.get('experiment')}); "
-        + (f"refitted on all {len(dataset.train_labels)} labelled images for "
-           f"{best.data.tags.get('refit_epochs')} epochs; its source trial"
-           f"{'s' if len(members) > 1 else ''}' validation accuracy {validated:.4f}" if refit else
-           f"validation accuracy {validated:.4f}")
+        + (f"trained on all {len(dataset.train_labels)} labelled images for "
+           + (f"{tags['final_passes']} passes ({int(tags['final_images']):,} images) each, seeds "
+              f"{tags['final_seeds']}, weights {tags['final_weights']}" if final else
+              f"{best.data.tags.get('refit_epochs')} epochs")
+           + f"; its source trial{'s' if len(members) > 1 else ''}' validation accuracy {validated:.4f}"
+           if refit else f"validation accuracy {validated:.4f}")
         + way.describe()
         + (f", holdout accuracy {metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "")
         + ("; test-time augmentation" if tta else "")

@@ -43,3 +43,16 @@ def select(client: MlflowClient, experiment_ids: list[str], search_run_id: str |
         plural = "" if len(trials) == 1 else "s"
         raise UserError(f"--ensemble {ensemble}: the search has only {len(trials)} completed trial{plural}")
     return trials[: max(1, ensemble)], search_run
+
+
+def final_models(client: MlflowClient, search_run: Run) -> tuple[list[Run], list[float]]:
+    """The final models the search trained (`search.final`) and their weights; ([], []) when
+    it trained none. A final stage that did not end is one line: it is finished by running
+    the same search command again, not skipped by promoting a trial in its place."""
+    from digitlab.search import final
+
+    if final.pending(search_run):
+        raise UserError(f"search run {search_run.info.run_id} has not finished its final training: "
+                        "run the same digitlab search command again to finish it (or promote a "
+                        "trial with --ensemble 1)")
+    return [client.get_run(i) for i in final.run_ids(search_run)], final.weights(search_run)

@@ -12,9 +12,9 @@ TensorFlow loads.
 
 from __future__ import annotations
 
-from digitlab.search.settings import Settings, make_settings
+from digitlab.search.settings import Settings, for_data, make_settings
 
-__all__ = ["Settings", "make_settings", "run_study"]
+__all__ = ["Settings", "for_data", "make_settings", "run_study"]
 
 
 def run_study(settings: Settings, dataset=None) -> dict:

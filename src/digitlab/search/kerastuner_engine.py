@@ -17,6 +17,7 @@ from typing import Any
 from digitlab import console, osutil
 from digitlab.errors import SearchFailed, UserError
 from digitlab.search import params
+from digitlab.search import settings as settings_mod
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
 
@@ -108,6 +109,10 @@ class KerasTunerEngine:
 
     def check_compatible(self) -> None:
         fingerprint = self.settings.study_file.fingerprint()
+        settings_mod.check_data(self.settings, self.state.get("data_digest"))
+        if self.settings.data_digest and "data_digest" not in self.state:
+            self.state["data_digest"] = self.settings.data_digest
+            self._save()
         if "space_fingerprint" not in self.state:
             self.state.update(space_fingerprint=fingerprint, space_path=self.settings.study_file.path,
                               direction=self.settings.study_file.objective.direction, runs={})
@@ -149,6 +154,8 @@ class KerasTunerEngine:
 
     def work(self, data, parent_run_id: str, experiment_id: str) -> None:
         self.data, self.parent, self.experiment_id = data, parent_run_id, experiment_id
+        if self.settings.out_of_time():  # checked again after each trial (on_trial_end)
+            return
         try:
             self.tuner.search()
         except OutOfTime:

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from digitlab import console
 from digitlab.errors import SearchFailed, UserError
 from digitlab.search import coordination, params
+from digitlab.search import settings as settings_mod
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
 
@@ -98,6 +99,9 @@ class OptunaEngine:
         """A resumed study must have the same space and direction; a new one records them."""
         attrs = self.study.user_attrs
         study_file = self.settings.study_file
+        settings_mod.check_data(self.settings, attrs.get("data_digest"))
+        if self.settings.data_digest and "data_digest" not in attrs:
+            self.study.set_user_attr("data_digest", self.settings.data_digest)
         if "space_fingerprint" not in attrs:
             self.study.set_user_attr("space_fingerprint", study_file.fingerprint())
             self.study.set_user_attr("space_path", study_file.path)
@@ -185,7 +189,8 @@ class OptunaEngine:
     def work(self, data, parent_run_id: str, experiment_id: str) -> None:
         study_file = self.settings.study_file
         failures_in_a_row = 0
-        while (trial := self._reserve()) is not None:
+        # no trial starts that the budget's plan says cannot end in time
+        while not self.settings.out_of_time() and (trial := self._reserve()) is not None:
             # Values are drawn when suggested, by the study's sampler at that moment.
             self.study.sampler = _sampler(self.settings, trial.number)
             values = {p.key: params.rounded(params.suggest(trial, p)) for p in study_file.params}
@@ -217,8 +222,6 @@ class OptunaEngine:
                         f"{failures_in_a_row} trials failed in a row (last: {outcome.error}); "
                         "stopping the search"
                     )
-            if self.settings.out_of_time():
-                return
 
     def rows(self) -> list[dict]:
         rows = []

@@ -45,11 +45,14 @@ def open_parent(settings: Settings, stored_run_id: str | None) -> tuple[str, str
     # `mlflow run` has already logged its -P parameters (with their raw values) here
     already = client.get_run(run_id).data.params
     for key, value in {
-        "space": study_file.path, "engine": settings.engine, "study": settings.study,
+        "space": settings.space or study_file.name, "engine": settings.engine, "study": settings.study,
         "experiments": ",".join(study_file.experiments), "objective.metric": study_file.objective.metric,
         "objective.direction": study_file.objective.direction, "budget.trials": settings.trials,
         "budget.max_epochs": settings.max_epochs,
-        "budget.minutes": study_file.budget.minutes or "none", "seed": settings.seed,
+        "budget.minutes": study_file.budget.minutes or "none",
+        "budget.search_minutes": study_file.budget.search_minutes or "none",
+        "final.models": study_file.final.models, "final.passes": study_file.final.passes,
+        "seed": settings.seed,
         "storage": redact(settings.storage) if settings.storage else "default",
         "workers": settings.workers,
         "optuna.sampler": study_file.optuna.sampler, "optuna.pruner": study_file.optuna.pruner,
@@ -83,7 +86,8 @@ def reproduce_command(settings: Settings) -> str:
     import shlex
 
     study_file = settings.study_file
-    words = ["digitlab", "search", "--space", study_file.path, "--engine", settings.engine,
+    # as the user typed them, so that the command runs on another machine too
+    words = ["digitlab", "search", "--space", settings.space or study_file.name, "--engine", settings.engine,
              "--trials", str(settings.trials), "--max-epochs", str(settings.max_epochs)]
     if study_file.budget.minutes:
         words += ["--minutes", f"{study_file.budget.minutes:g}"]
@@ -111,7 +115,12 @@ def describe(settings: Settings, best: dict | None = None) -> str:
               if settings.engine == "optuna" else f"KerasTuner, {study_file.kerastuner.tuner} tuner")
     budget = f"{settings.trials} trials of up to {settings.max_epochs} epochs"
     if study_file.budget.minutes:
-        budget += f", none started after {study_file.budget.minutes:g} minutes"
+        budget += f", {study_file.budget.minutes:g} minutes in all with final training"
+    elif study_file.budget.search_minutes:
+        budget += f", {study_file.budget.search_minutes:g} minutes of trials"
+    if study_file.final.models:
+        budget += (f"; then final training on every labelled image ({study_file.final.models} "
+                   f"models of {study_file.final.passes:g} passes unless --minutes says otherwise)")
     lines = [f"**{settings.study}**" + (f": {study_file.description}" if study_file.description else ""),
              "",
              f"- experiments: {', '.join(study_file.experiments)}",

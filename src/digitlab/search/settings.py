@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -22,10 +23,14 @@ class Settings:
     workers: int
     data_dir: str | None
     seed: int
-    # time.time() after which no trial starts; set when the search starts (budget.minutes)
+    data_digest: str = ""  # the data the study is on: part of its identity (`for_data`)
+    space: str = ""  # --space as the user typed it (a name or a relative path): the reproduce command's
+    # time.time() after which no trial starts: the end of the trials' time less one full
+    # trial (the budget's plan), set when the search starts
     deadline: float | None = None
 
     def out_of_time(self) -> bool:
+        """Whether a trial started now could not end within the trials' time."""
         return self.deadline is not None and time.time() >= self.deadline
 
     @property
@@ -66,4 +71,27 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
     # differ), so by default it gets a name of its own and neither resumes the other.
     default = f"{study_file.name}-{engine}{study_file.validator.study_suffix()}"
     return Settings(study_file=study_file, engine=engine, study=study or default,
-                    storage=storage, workers=workers, data_dir=data_dir, seed=seed)
+                    storage=storage, workers=workers, data_dir=data_dir, seed=seed,
+                    space=str(space_path))
+
+
+def for_data(settings: Settings, digest: str, named: bool) -> Settings:
+    """The settings of a study on the data with `digest`. A default study name on data other
+    than the embedded demo's ends in the data's short digest, so the same command on a new
+    data set starts a new study instead of resuming (or mixing into) another data set's;
+    a `--study` NAME (`named`) is kept, and the engine refuses it on other data."""
+    from digitlab.data import EMBEDDED_DIGEST
+
+    study = settings.study
+    if not named and digest != EMBEDDED_DIGEST:
+        study = f"{study}-{digest[:8]}"
+    return dataclasses.replace(settings, study=study, data_digest=digest)
+
+
+def check_data(settings: Settings, recorded: str | None) -> None:
+    """A study resumes only on the data it was made on (`recorded`: the digest the engine
+    stored when it created the study; None for a study made before digests were stored)."""
+    if recorded and settings.data_digest and recorded != settings.data_digest:
+        raise UserError(f"study {settings.study!r} was made on data {recorded[:12]}, but the data "
+                        f"directory holds {settings.data_digest[:12]}: use the same --data-dir, or "
+                        "another --study name (or none: the default name follows the data)")

@@ -57,7 +57,12 @@ class Objective:
 class Budget:
     trials: int = 10  # trials in all, shared by every worker (--trials)
     max_epochs: int = 10  # epochs per trial at most: Hyperband's largest rung (--max-epochs)
-    minutes: float | None = None  # no trial starts after this many minutes (--minutes); null: none
+    # the whole job's time, trials and final training together (--minutes): the plan splits
+    # it, and no trial or final model starts that it says cannot end in time; null: the
+    # trials get search_minutes (or no limit) and final training its planned length
+    minutes: float | None = None
+    # with no `minutes`: the trials' time; none starts that cannot end within it
+    search_minutes: float | None = None
     # training.epoch_images of every trial: an epoch is this many images, at any data size;
     # 0: each experiment's own
     epoch_images: int = 0
@@ -65,6 +70,20 @@ class Budget:
     # (one subset, the same for every trial); 0: all images throughout
     subset_images: int = 0
     subset_epochs: int = 0  # epochs drawn from the subset (needs epoch_images)
+
+
+@dataclass(frozen=True)
+class FinalTraining:
+    # models trained on every labelled image once the trials end: the best trials'
+    # configurations in rank order, then other seeds of the best; `digitlab promote`
+    # registers them, averaged. 0: no final stage (promote registers trials). With
+    # budget.minutes, as many as final.share of it fits (at least one)
+    models: int = 0
+    # the length of each, in passes over every labelled image; never shorter than a full
+    # trial (on small data a trial is the longer); 0: a full trial's length
+    passes: float = 0.0
+    # with budget.minutes: the largest share of it that final training takes
+    share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,7 @@ class StudyFile:
     validation: ValidationOptions = field(default_factory=ValidationOptions)
     max_consecutive_failures: int = 3  # this many failed trials in a row stop the search
     refit: bool = False  # retrain the best trial on every labelled image when the search ends
+    final: FinalTraining = field(default_factory=FinalTraining)  # the final stage (final models)
     fixed: dict[str, Any] = field(default_factory=dict)  # dotted config keys set in every trial
     # values for the first trial of a new study (keys of `space`), e.g. a known-good
     # recipe, so a short search starts from it; not part of the fingerprint: it only
@@ -273,6 +293,13 @@ def _check(s: StudyFile) -> None:
         (b.trials >= 1, "budget.trials must be a positive integer"),
         (b.max_epochs >= 1, "budget.max_epochs must be a positive integer"),
         (b.minutes is None or b.minutes > 0, "budget.minutes must be a positive number"),
+        (b.search_minutes is None or b.search_minutes > 0,
+         "budget.search_minutes must be a positive number"),
+        (s.final.models >= 0, "final.models must be a whole number >= 0"),
+        (s.final.passes >= 0, "final.passes must be a number >= 0"),
+        (0 < s.final.share < 1, "final.share must be a number between 0 and 1"),
+        (not (s.refit and s.final.models), "refit: true and final.models are two final stages: "
+                                            "keep one (final.models: 1 with final.passes: 0 is the refit)"),
         (min(b.epoch_images, b.subset_images, b.subset_epochs) >= 0,
          "budget.epoch_images, subset_images and subset_epochs must be whole numbers >= 0"),
         (not (b.subset_images and b.subset_epochs) or b.epoch_images,
