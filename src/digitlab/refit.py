@@ -84,29 +84,31 @@ def refit_config(run: Run):
     return on_all_images(rebuild(run), length(run))
 
 
-def _refits(client: MlflowClient, run: Run, condition: str) -> list[Run]:
-    """Refit runs nested under trial `run` that meet `condition` (a search filter), newest first."""
+def nested(client: MlflowClient, parent: Run, condition: str, kind: str = KIND) -> list[Run]:
+    """Runs of `kind` (refits; a search's final models) nested under `parent` that meet
+    `condition` (a search filter), newest first."""
     return client.search_runs(
-        [run.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`digitlab.kind` = "
-                      f"'{KIND}' and {condition}",
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`digitlab.kind` = "
+                      f"'{kind}' and {condition}",
         order_by=["attributes.start_time DESC"])
 
 
 def existing(client: MlflowClient, run: Run, digest: str) -> Run | None:
     """A finished refit of `run` on the same data, if one exists."""
-    found = _refits(client, run, f"tags.data_digest = '{digest}' and attributes.status = 'FINISHED'")
+    found = nested(client, run, f"tags.data_digest = '{digest}' and attributes.status = 'FINISHED'")
     return found[0] if found else None
 
 
-def end_abandoned(client: MlflowClient, run: Run) -> None:
-    """Refits of `run` whose process on this machine died (kill -9 leaves them RUNNING)
-    end KILLED, so the runs table shows no refit as still going."""
+def end_abandoned(client: MlflowClient, parent: Run, condition: str = "", kind: str = KIND) -> None:
+    """Runs of `kind` under `parent` whose process on this machine died (kill -9 leaves them
+    RUNNING) end KILLED, so the runs table shows none as still going."""
     from digitlab.search.coordination import owner_is_gone
 
-    for stale in _refits(client, run, "attributes.status = 'RUNNING'"):
+    running = "attributes.status = 'RUNNING'" + (f" and {condition}" if condition else "")
+    for stale in nested(client, parent, running, kind):
         if owner_is_gone(stale.data.tags.get("worker", "")):
-            client.set_tag(stale.info.run_id, "error", "interrupted: the process running this refit died")
+            client.set_tag(stale.info.run_id, "error", f"interrupted: the process running this {kind} died")
             client.set_terminated(stale.info.run_id, "KILLED")
 
 

@@ -36,7 +36,7 @@ from digitlab import console, refit
 from digitlab.data import DigitData
 from digitlab.errors import UserError
 from digitlab.search import ensemble, ranking
-from digitlab.search.coordination import owner_is_gone, worker_id
+from digitlab.search.coordination import worker_id
 
 log = logging.getLogger("digitlab.search")
 
@@ -124,17 +124,10 @@ def _planned(client: MlflowClient, parent: Run, dataset: DigitData, models: int,
 def _finished(client: MlflowClient, parent: Run, index: int, digest: str) -> Run | None:
     """Final model `index` of this stage, if a finished run of it exists; ends the
     RUNNING ones whose process on this machine died (kill -9 leaves them RUNNING)."""
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
-                      f"tags.`digitlab.kind` = '{KIND}' and tags.final_index = '{index}'",
-        order_by=["attributes.start_time DESC"])
-    for run in runs:
-        if run.info.status == "RUNNING" and owner_is_gone(run.data.tags.get("worker", "")):
-            client.set_tag(run.info.run_id, "error", "interrupted: the process training this final "
-                                                     "model died")
-            client.set_terminated(run.info.run_id, "KILLED")
-    done = [r for r in runs if r.info.status == "FINISHED" and r.data.params.get("data.digest") == digest]
+    this = f"tags.final_index = '{index}'"
+    refit.end_abandoned(client, parent, this, KIND)
+    done = refit.nested(client, parent, f"{this} and attributes.status = 'FINISHED'", KIND)
+    done = [r for r in done if r.data.params.get("data.digest") == digest]
     return done[0] if done else None
 
 
