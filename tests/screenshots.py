@@ -269,10 +269,11 @@ def pictures(runs_url: str, search_run, expanded: list[str], out: Path) -> dict[
     texts = {}
     with Browser(1700, 900) as browser:
         browser.storage(origin, ui_state(search_run.info.experiment_id, expanded))
-        texts["runs-table.png"] = browser.open(runs_url, "matching runs")
+        browser.open(runs_url, "matching runs")
+        # the rows come after the count; a column that never shows means MLflow changed how
+        # it saves its state
         for column in ("best_val_accuracy", "sampled.model.dropout"):
-            if column not in texts["runs-table.png"]:  # MLflow changed how it saves its state
-                raise AssertionError(f"column {column} not shown: {texts['runs-table.png'][:2000]}")
+            texts["runs-table.png"] = browser.wait_for(column, 60)
         browser.screenshot(out / "runs-table.png", height=560)
 
         browser.resize(1600, 900)
