@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 import yaml
+from docs import config_reference
 
-from digitlab import config_reference
 from digitlab.cli_parser import build_parser
 from tests.conftest import REPO
 
@@ -258,7 +258,7 @@ A span may wrap: `digitlab submit
 def test_configuration_page_is_what_the_dataclasses_generate():
     page = (REPO / "docs" / "configuration.md").read_text()
     assert page == config_reference.render(), (
-        "docs/configuration.md is stale: python -m digitlab.config_reference > docs/configuration.md")
+        "docs/configuration.md is stale: python docs/config_reference.py > docs/configuration.md")
 
 
 def test_configuration_page_covers_every_key_with_a_meaning():
@@ -278,14 +278,14 @@ def test_configuration_page_covers_every_key_with_a_meaning():
     for key in listed:
         assert f"| `{key}` |" in page, f"docs/configuration.md has no row for {key}"
     # The search file's keys, from its dataclasses: every section expanded, each with a meaning.
-    from digitlab.search import space
+    from digitlab.search import search_file
 
-    search_rows = config_reference.rows(space.StudyFile)
+    search_rows = config_reference.rows(search_file.StudyFile)
     assert {"experiments", "objective.metric", "budget.minutes", "optuna.pruner", "kerastuner.tuner",
-            "validation.folds", "space", "start"} <= {key for key, *_ in search_rows}
+            "validation", "space", "start"} <= {key for key, *_ in search_rows}
     assert "path" not in {key for key, *_ in search_rows}  # set by the loader, not a key
     undocumented = [key for key, _, _, meaning in search_rows if not meaning]
-    assert not undocumented, f"fields without a comment in search/space.py: {undocumented}"
+    assert not undocumented, f"fields without a comment in search/search_file.py: {undocumented}"
     search_part = page.split("## Search files", 1)[1]
     for key, *_ in search_rows:
         assert f"| `{key}` |" in search_part, f"docs/configuration.md has no row for search key {key}"
@@ -296,19 +296,20 @@ def test_configuration_page_covers_every_key_with_a_meaning():
 def test_the_search_file_example_loads_and_shows_every_key(workdir):
     """docs/searching.md's example is a real search file, and it shows every key the
     dataclasses have, so the example and the generated table cannot drift apart."""
-    from digitlab.search import space
+    from digitlab.search import search_file
 
     page = (REPO / "docs" / "searching.md").read_text()
     section = page.split("## The search file", 1)[1]
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     path = workdir / "example.yaml"
     path.write_text(example)
-    study_file = space.load(path)
-    assert study_file.validation.folds == 5 and study_file.budget.minutes == 90
+    study_file = search_file.load(path)
+    assert study_file.validator.command_options() == ["--validation", "kfold:folds=5"]
+    assert study_file.budget.minutes == 90
     assert study_file.final.models == 2 and study_file.final.passes == 16
-    shown = {key for key, *_ in config_reference.rows(space.StudyFile)
+    shown = {key for key, *_ in config_reference.rows(search_file.StudyFile)
              if f"{key.rsplit('.', 1)[-1]}:" in example}
-    assert shown == {key for key, *_ in config_reference.rows(space.StudyFile)}
+    assert shown == {key for key, *_ in config_reference.rows(search_file.StudyFile)}
 
 
 FIGURE = re.compile(r"\d[\d,.]*\s*(?:%|min|s|GB|MB|images/s|rows/s)(?![\w])")

@@ -15,11 +15,12 @@ from mlflow import MlflowClient
 
 from digitlab import cli, data
 from digitlab.errors import UserError
-from digitlab.registry.packaging import keras_file, to_rows
+from digitlab.registry.evaluation import to_rows
+from digitlab.registry.members import keras_file
 from digitlab.search import ensemble, final
 from digitlab.search import plan as plan_mod
 from digitlab.search.plan import Plan
-from digitlab.search.space import Budget, FinalTraining
+from digitlab.search.search_file import Budget, FinalTraining
 from tests.conftest import TINY_SPACE, kill_during_trial
 
 # Three trials of two epochs of 320 images (the tiny data's 270 training images), a

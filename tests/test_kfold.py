@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from digitlab import cli, folds, submission
+from digitlab import cli, submission
 from digitlab.search import trial as trial_mod
+from digitlab.validation import kfold as folds
 from tests.conftest import TINY_SPACE, kill_during_trial, study_name
 
 KFOLD_SPACE = TINY_SPACE.replace("budget: {trials: 3, max_epochs: 2}",
@@ -56,7 +57,7 @@ def test_a_kfold_study_is_scored_out_of_fold_and_promotes_its_fold_models(
     args = ["search", "--space", str(kfold_file), "--data-dir", str(tiny_dir), "--engine", engine]
     assert cli.main(args) == 0
     captured = capsys.readouterr()
-    assert "trial 1 fold 2/3" in captured.err  # the progress shows the fold being trained
+    assert "trial-1 split 2/3" in captured.err  # the progress shows the fold being trained
     assert "oof_accuracy (3-fold)" in captured.out
     trials = trial_runs()
     assert len(trials) == 2  # one run per trial, whatever the folds
@@ -88,7 +89,7 @@ def test_a_kfold_study_is_scored_out_of_fold_and_promotes_its_fold_models(
     # the fold models as they are served
     assert float(version.tags["val_accuracy"]) == pytest.approx(best.data.metrics["oof_accuracy"],
                                                                 abs=1e-6)
-    assert "3 folds" in version.description
+    assert "3-fold, scored out of fold" in version.description
 
     out = workdir / "submissions" / "kfold.csv"
     assert cli.main(["submit", "--data-dir", str(tiny_dir), "--output", str(out)]) == 0
@@ -111,13 +112,13 @@ def test_a_kfold_study_is_scored_out_of_fold_and_promotes_its_fold_models(
 
 def test_a_pruned_kfold_trial_trains_no_further_fold(workdir, tiny_dir, kfold_file):
     from digitlab import data, store
-    from digitlab.search import space
+    from digitlab.search import search_file
 
     store.configure()
     experiment_id = mlflow.get_experiment_by_name("digit-recognizer").experiment_id
     parent = MlflowClient().create_run(experiment_id).info.run_id
     outcome = trial_mod.run_trial(
-        space.load(kfold_file), {"model.dropout": 0.2, "optimizer.learning_rate": 0.003},
+        search_file.load(kfold_file), {"model.dropout": 0.2, "optimizer.learning_rate": 0.003},
         data=data.load(tiny_dir), seed=1, engine="optuna", number=0, parent_run_id=parent,
         experiment_id=experiment_id, report=lambda step, value: True,  # prune after epoch 1
     )
@@ -153,7 +154,7 @@ def test_folds_on_the_command_line_make_a_study_of_their_own(workdir, tiny_dir):
     path = workdir / "space.yaml"
     path.write_text(TINY_SPACE)
     single = search.make_settings(str(path))
-    kfold = search.make_settings(str(path), folds=3)
+    kfold = search.make_settings(str(path), validation={"kind": "kfold", "folds": 3})
     assert (single.validation, kfold.validation) == (Holdout(), KFold(3))
     assert single.study == "space-optuna" and kfold.study == "space-optuna-3fold"
     assert single.study_file.fingerprint() != kfold.study_file.fingerprint()
@@ -165,7 +166,7 @@ def test_sigkill_in_the_middle_of_a_fold_then_resume(engine, workdir, tiny_dir):
     path = workdir / "kfold.yaml"
     path.write_text(KFOLD_SPACE.replace("max_epochs: 1", "max_epochs: 2"))
     args = ["search", "--space", str(path), "--data-dir", str(tiny_dir), "--engine", engine]
-    kill_during_trial(args, workdir, "trial 1 fold 2/3")  # after fold 2's first of two epochs
+    kill_during_trial(args, workdir, "trial-1 split 2/3")  # after fold 2's first of two epochs
     (interrupted,) = [r for r in trial_runs() if r.info.status == "RUNNING"]
     metrics = interrupted.data.metrics  # killed after fold 2's first epoch
     assert "fold2_val_accuracy" in metrics and "fold3_val_accuracy" not in metrics

@@ -181,12 +181,12 @@ def test_same_seed_samples_the_same_parameters_in_order(space_file, tiny_dir):
 
 def test_a_pruned_trial_is_visibly_pruned(workdir, tiny_dir, space_file):
     from digitlab import data, store
-    from digitlab.search import space
+    from digitlab.search import search_file
 
     store.configure()
     parent = MlflowClient().create_run(
         mlflow.get_experiment_by_name("digit-recognizer").experiment_id).info.run_id
-    s = space.load(space_file)
+    s = search_file.load(space_file)
     outcome = trial_mod.run_trial(
         s, {"model.dropout": 0.2, "optimizer.learning_rate": 0.003}, data=data.load(tiny_dir),
         seed=1, engine="optuna", number=0, parent_run_id=parent,
@@ -216,7 +216,7 @@ def test_median_pruner_prunes_in_a_real_study(workdir, tiny_dir):
 
 def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_file, capsys):
     from digitlab import search
-    from digitlab.search import runner, space
+    from digitlab.search import runner, search_file
     from digitlab.search.plan import Plan
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -233,7 +233,7 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
         def finished(self):
             return 3
 
-    settings = search.Settings(study_file=space.load(space_file), engine="optuna", study="s",
+    settings = search.Settings(study_file=search_file.load(space_file), engine="optuna", study="s",
                                storage=None, workers=1, data_dir=None, seed=1)
     plan = Plan(epoch_seconds=1.0, epochs=2, first_rung=1, runs_per_trial=1, epoch_images=270,
                 train_images=270)
@@ -241,7 +241,7 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
     # Trials 0 and 2 tie at 0.99; trial 2 has the lower validation cross-entropy.
     assert "best val_accuracy=0.9900, trial=2" in capsys.readouterr().err
     # a K-fold study's objective is the out-of-fold score, and the bar says so
-    folded = dataclasses.replace(settings.study_file, validation=space.ValidationOptions(folds=3))
+    folded = dataclasses.replace(settings.study_file, validation={"kind": "kfold", "folds": 3})
     kfold = dataclasses.replace(settings, study_file=folded)
     runner.Progress(ThreeFinished(), kfold, parent, plan).close()
     assert "best oof_accuracy=0.9900, trial=2" in capsys.readouterr().err
@@ -250,9 +250,9 @@ def test_progress_bar_names_the_trial_the_ranking_picks_on_a_tie(workdir, space_
 def test_search_plots_number_trials_as_the_runs_do(workdir, space_file):
     """Pruned and failed trials keep their numbers in the replayed study behind the plots."""
     from digitlab import search
-    from digitlab.search import report, space
+    from digitlab.search import report, search_file
 
-    settings = search.Settings(study_file=space.load(space_file), engine="optuna", study="s",
+    settings = search.Settings(study_file=search_file.load(space_file), engine="optuna", study="s",
                                storage=None, workers=1, data_dir=None, seed=1)
     sampled = {"params.model.dropout": 0.2, "params.optimizer.learning_rate": 0.003}
     rows = [{"number": 3, "state": "COMPLETE", "value": 0.9, **sampled},
@@ -420,11 +420,11 @@ def test_bad_engine_and_workers_are_errors(space_file, tiny_dir, capsys):
 @pytest.mark.parametrize("min_epochs", [1, 2])
 def test_median_pruner_judges_from_min_epochs(workdir, min_epochs):
     from digitlab import search
-    from digitlab.search import optuna_engine, space
+    from digitlab.search import optuna_engine, search_file
 
     path = workdir / "median.yaml"
     path.write_text(SPACE.replace("pruner: none", f"pruner: median, min_epochs: {min_epochs}"))
-    settings = search.Settings(study_file=space.load(path), engine="optuna", study="s", storage=None,
+    settings = search.Settings(study_file=search_file.load(path), engine="optuna", study="s", storage=None,
                                workers=1, data_dir=None, seed=1)
     study = optuna.create_study(direction="maximize", pruner=optuna_engine._pruner(settings))
     for _ in range(3):  # the pruner's startup trials, all good from the first epoch

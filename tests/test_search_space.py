@@ -1,7 +1,7 @@
 import pytest
 
 from digitlab.errors import ConfigError
-from digitlab.search import space
+from digitlab.search import search_file
 
 BASE = """
 experiments: [basic_cnn]
@@ -26,12 +26,12 @@ def test_shipped_space_files_load(workdir):
     from tests.conftest import REPO
 
     for path in sorted((REPO / "search").glob("*.yaml")):
-        s = space.load(path)
+        s = search_file.load(path)
         assert s.budget.trials >= 1 and s.params, path
 
 
 def test_a_space_file_loads_with_all_range_kinds(workdir):
-    s = space.load(write(workdir, BASE))
+    s = search_file.load(write(workdir, BASE))
     kinds = {p.key: p.kind for p in s.params}
     assert kinds == {"model.dropout": "float", "optimizer.learning_rate": "float",
                      "model.blocks.0.filters": "categorical", "augmentation.enabled": "categorical",
@@ -44,7 +44,7 @@ def test_a_space_file_loads_with_all_range_kinds(workdir):
 
 
 def test_several_experiments_make_the_architecture_a_parameter(workdir):
-    s = space.load(write(workdir, BASE.replace("[basic_cnn]", "[basic_cnn, kaggle_cnn]")))
+    s = search_file.load(write(workdir, BASE.replace("[basic_cnn]", "[basic_cnn, kaggle_cnn]")))
     assert s.params[0].key == "experiment"
     assert s.params[0].choices == ("basic_cnn", "kaggle_cnn")
     cfg = s.trial_config({"experiment": "kaggle_cnn", "model.dropout": 0.2}, seed=1, number=4)
@@ -87,20 +87,20 @@ def test_malformed_spaces_are_clear_errors(workdir, edit, message):
     old, new = edit
     assert old in BASE
     with pytest.raises(ConfigError, match=message):
-        space.load(write(workdir, BASE.replace(old, new, 1)))
+        search_file.load(write(workdir, BASE.replace(old, new, 1)))
 
 
 def test_start_values_load_and_leave_the_fingerprint_alone(workdir):
     start = "start: {model.dropout: 0.3, model.width: 1.25, model.blocks.0.filters: [32, 64]}\n"
-    s = space.load(write(workdir, BASE + start))
+    s = search_file.load(write(workdir, BASE + start))
     assert s.start == {"model.dropout": 0.3, "model.width": 1.25, "model.blocks.0.filters": [32, 64]}
-    assert s.fingerprint() == space.load(write(workdir, BASE, "plain.yaml")).fingerprint()
+    assert s.fingerprint() == search_file.load(write(workdir, BASE, "plain.yaml")).fingerprint()
 
 
 def test_fingerprint_ignores_the_budget_but_not_the_space(workdir):
-    a = space.load(write(workdir, BASE))
-    b = space.load(write(workdir, BASE.replace("trials: 3", "trials: 9"), "b.yaml"))
-    c = space.load(write(workdir, BASE.replace("high: 0.5", "high: 0.6"), "c.yaml"))
+    a = search_file.load(write(workdir, BASE))
+    b = search_file.load(write(workdir, BASE.replace("trials: 3", "trials: 9"), "b.yaml"))
+    c = search_file.load(write(workdir, BASE.replace("high: 0.5", "high: 0.6"), "c.yaml"))
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
@@ -122,13 +122,13 @@ def test_objective_is_the_score_of_the_model_the_trial_keeps(workdir):
         val_probabilities=probabilities, holdout_probabilities=None, holdout_accuracy=None,
         train_seconds=1.0, precision="float32",
     )
-    s = space.load(write(workdir, BASE))
+    s = search_file.load(write(workdir, BASE))
     assert objective_value(s, result) == 0.75
-    s = space.load(write(workdir, BASE.replace("metric: val_accuracy, direction: maximize",
+    s = search_file.load(write(workdir, BASE.replace("metric: val_accuracy, direction: maximize",
                                                "metric: val_crossentropy, direction: minimize")))
     # Three sure and right (log 1 = 0), one sure and wrong (clipped at 1e-7), on the kept model.
     assert objective_value(s, result) == pytest.approx(-np.log(1e-7) / 4, rel=1e-5)
-    s = space.load(write(workdir, BASE.replace("metric: val_accuracy, direction: maximize",
+    s = search_file.load(write(workdir, BASE.replace("metric: val_accuracy, direction: maximize",
                                                "metric: val_loss, direction: minimize")))
     assert objective_value(s, result) == 0.4
     result.history["val_loss"][-1] = float("nan")
@@ -138,13 +138,13 @@ def test_objective_is_the_score_of_the_model_the_trial_keeps(workdir):
 def test_a_minimal_file_takes_the_one_set_of_defaults(workdir):
     """Every section is optional (empty is the same as absent), and its defaults are the
     dataclasses' own: there is no second copy of them in the loader."""
-    s = space.load(write(workdir, "experiment: basic_cnn\noptuna:\nspace:\n"
+    s = search_file.load(write(workdir, "experiment: basic_cnn\noptuna:\nspace:\n"
                                   "  model.dropout: {type: float, low: 0.1, high: 0.5}\n"))
     assert s.experiments == ["basic_cnn"] and s.name == "s"
     assert (s.objective, s.budget, s.optuna, s.kerastuner, s.validation) == (
-        space.Objective(), space.Budget(), space.OptunaOptions(), space.KerasTunerOptions(),
-        space.ValidationOptions())
+        search_file.Objective(), search_file.Budget(), search_file.OptunaOptions(), search_file.KerasTunerOptions(),
+        {})
     assert (s.max_consecutive_failures, s.refit, s.fixed, s.start) == (3, False, {}, {})
-    overridden = space.load(s.path, {"trials": 7, "minutes": 2.5}, folds=4)
+    overridden = search_file.load(s.path, {"trials": 7, "minutes": 2.5}, validation={"folds": 4})
     assert (overridden.budget.trials, overridden.budget.minutes, overridden.budget.max_epochs) == (7, 2.5, 10)
-    assert overridden.validation.folds == 4
+    assert overridden.validator.n_splits == 4

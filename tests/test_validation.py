@@ -24,11 +24,12 @@ def as_run(tags: dict, run_id: str = "r1"):
                            info=SimpleNamespace(run_id=run_id))
 
 
-@pytest.mark.parametrize("way", [validation.Holdout(), validation.KFold(3)], ids=["holdout", "3 folds"])
+@pytest.mark.parametrize("way", [validation.Holdout(), validation.KFold(3),
+                                 validation.RepeatedHoldout(2, 0.2)],
+                         ids=["holdout", "3 folds", "2 repeated holdouts"])
 def test_each_way_keeps_the_contract(way, tiny_dir):
     dataset = data.load(tiny_dir)
     cfg = tiny_config()
-    way = way.for_run("t")
     way.check(dataset, cfg)
 
     # fit trains through train.run and says which labelled rows it held out
@@ -42,27 +43,26 @@ def test_each_way_keeps_the_contract(way, tiny_dir):
     tags = way.tags(cfg)
     assert int(tags["split_seed"]) == cfg.split_seed
     rebuilt = validation.from_run(as_run(tags))
-    assert type(rebuilt) is type(way) and rebuilt.models_per_run == way.models_per_run
+    assert rebuilt == way.resolved(cfg) and rebuilt.n_splits == way.n_splits
     parts, key = way.datasets(cfg, dataset)
     assert "training" in parts and str(cfg.split_seed) in key
 
     # scoring the models it trained on what they held out gives the run's own accuracy
-    models = way.trainer.results if isinstance(way, validation.KFold) else [result]
-    groups = [[r.model for r in models]]
+    groups = [[r.model for r in result.parts or [result]]]
     accuracy = rebuilt.score(groups, dataset, tta=False)
     assert accuracy == pytest.approx(result.val_accuracy, abs=1e-6)
 
     # how a study of such runs is ranked, resumed, described and reproduced
     assert rebuilt.scored_by("val_accuracy") in ("val_accuracy", "oof_accuracy")
     assert rebuilt.objective_problem("val_accuracy") is None
-    assert isinstance(rebuilt.fingerprint(), dict) and isinstance(rebuilt.options(), list)
+    assert isinstance(rebuilt.fingerprint(), dict) and isinstance(rebuilt.command_options(), list)
     assert set(way.scores(result)) <= {"oof_accuracy", "oof_crossentropy"}
 
 
 def test_an_ensemble_needs_one_way_of_validating():
     single = as_run({"split_seed": 1, "validation_fraction": 0.1})
     folded = as_run({"split_seed": 1, "validation_folds": 3}, "r2")
-    assert validation.from_runs([single, single]) == validation.Holdout(0.1, 1)
+    assert validation.from_runs([single, single]) == validation.Holdout(0.1, seed=1)
     with pytest.raises(UserError, match="validated differently"):
         validation.from_runs([single, folded])
     with pytest.raises(UserError, match="records no validation split"):
@@ -72,27 +72,38 @@ def test_an_ensemble_needs_one_way_of_validating():
 
 def test_the_search_file_section_and_the_option(workdir):
     """`validation: {folds: K}` is a typed section of the search file; --folds replaces it."""
-    from digitlab.search import space
+    from digitlab.search import search_file
 
     path = workdir / "s.yaml"
     base = "experiments: [basic_cnn]\nspace: {model.dropout: {type: float, low: 0.1, high: 0.5}}\n"
     path.write_text(base)
-    assert space.load(path).validator == validation.Holdout()
+    assert search_file.load(path).validator == validation.Holdout()
     path.write_text(base + "validation: {folds: 5}\n")
-    assert space.load(path).validator == validation.KFold(5)
-    assert space.load(path, folds=3).validator == validation.KFold(3)
+    assert search_file.load(path).validator == validation.KFold(5)
+    path.write_text(base + "validation: {kind: kfold, folds: 5}\n")
+    assert search_file.load(path).validator == validation.KFold(5)
+    assert search_file.load(path, validation=validation.from_option(None, 3)).validator == validation.KFold(3)
+    repeated = validation.from_option("repeated:repeats=3,fraction=0.2")
+    assert search_file.load(path, validation=repeated).validator == validation.RepeatedHoldout(3, 0.2)
     for bad, message in (("1", "validation.folds must be a whole number of at least 2"),
                          ("true", "validation.folds: expected int, got True"),
                          ("-2", "validation.folds must be a whole number")):
         path.write_text(base + f"validation: {{folds: {bad}}}\n")
         with pytest.raises(ConfigError, match=f"^{path}: {message}"):
-            space.load(path)
-    path.write_text(base + "validation: {fold: 3}\n")
+            search_file.load(path)
+    path.write_text(base + "validation: {kind: kfold, fold: 3}\n")
     with pytest.raises(ConfigError, match=r"validation: unknown key 'fold' \(known: folds\)"):
-        space.load(path)
+        search_file.load(path)
+    path.write_text(base + "validation: {kind: loo}\n")
+    with pytest.raises(ConfigError, match=r"validation.kind must be one of holdout, kfold, repeated"):
+        search_file.load(path)
     with pytest.raises(UserError, match="--folds must be at least 2"):
-        validation.check_folds_option(1)
-    assert validation.of(0) == validation.Holdout() and validation.of(4) == validation.KFold(4)
+        validation.from_option(None, 1)
+    for bad, message in (("repeated:repeats=1,fraction=0.2", "repeats must be a whole number of at least 2"),
+                         ("kfold:5", "expected KIND:NAME=VALUE"), ("holdout:fraction=2", "between 0 and 1")):
+        with pytest.raises(UserError, match=message):
+            validation.from_option(bad)
+    assert validation.from_option(None, 0) is None
 
 
 def test_the_promotion_policy_is_typed(workdir):

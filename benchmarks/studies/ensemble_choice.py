@@ -36,7 +36,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from digitlab import console, data, store
-    from digitlab.registry import packaging
+    from digitlab.registry.members import keras_file
     from digitlab.search import ensemble
     from digitlab.search.ranking import latest_search_run, ranked_trials
 
@@ -57,7 +57,7 @@ def main() -> None:
         stored = ensemble.stored_predictions(trial)
         order = np.argsort(stored["rows"])
         held.append((stored["probabilities"][order].astype(np.float64), stored["labels"][order]))
-        model = keras.saving.load_model(packaging.keras_file(trial.info.run_id), compile=False)
+        model = keras.saving.load_model(keras_file(trial.info.run_id), compile=False)
         test.append(np.asarray(model.predict(dataset.test_images, batch_size=1024, verbose=0), np.float64))
     labels = held[0][1]
     truth = dataset.test_labels
@@ -84,7 +84,7 @@ def main() -> None:
 
     finals = final.run_ids(search)
     if finals:
-        probabilities = [np.asarray(keras.saving.load_model(packaging.keras_file(i), compile=False)
+        probabilities = [np.asarray(keras.saving.load_model(keras_file(i), compile=False)
                                     .predict(dataset.test_images, batch_size=1024, verbose=0), np.float64)
                          for i in finals]
         members = final.choose(trials, len(finals))

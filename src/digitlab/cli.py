@@ -68,11 +68,11 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from digitlab import data
+    from digitlab import data, validation
 
     cfg = _experiment_config(args.experiment, args)
     # checked before anything (a cache) is written into the user's data folder
-    dataset = data.load(args.data_dir, lambda d: data.check_split(d, cfg.training.validation_fraction))
+    dataset = data.load(args.data_dir, lambda d: validation.default().check(d, cfg))
     console.import_backend()
     from digitlab import store, tracked, train
 
@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from digitlab import config, data
+    from digitlab import config, data, validation
 
     names = [n for n in args.experiments.replace(",", " ").split() if n]
     if names == ["all"]:
@@ -96,7 +96,7 @@ def cmd_compare(args) -> int:
 
     def check(dataset) -> None:
         for cfg in configs:
-            data.check_split(dataset, cfg.training.validation_fraction)
+            validation.default().check(dataset, cfg)
 
     dataset = data.load(args.data_dir, check)
     console.import_backend()
@@ -111,12 +111,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from digitlab import config, data, search
+    from digitlab import config, data, search, validation
 
     settings = search.make_settings(
         args.space, engine=args.engine, trials=args.trials, max_epochs=args.max_epochs,
         minutes=args.minutes, workers=args.workers, storage=args.storage or None,
-        study=args.study or None, data_dir=args.data_dir, seed=args.seed, folds=args.folds,
+        study=args.study or None, data_dir=args.data_dir, seed=args.seed,
+        validation=validation.from_option(args.validation, args.folds),
     )
 
     def check(dataset) -> None:
@@ -139,9 +140,9 @@ def cmd_search(args) -> int:
         print(f"the trials' time was used up before all {settings.trials} trials, {completed} "
               "completed (an ensemble of K needs K); the same command goes on with the study")
     if not best:  # nothing to promote: a failed search, as Optuna users expect
-        from digitlab.search import report
+        from digitlab.search import parent_run, report
 
-        print(f"digitlab: {report.nothing_completed(summary['rows'])}", file=sys.stderr)
+        print(f"digitlab: {report.nothing_completed(summary['rows'], parent_run.failure_reasons(summary['rows']))}", file=sys.stderr)
         return 1
     metric = settings.study_file.scored_by + settings.validation.short()
     print(f"best trial {best['number']}: {metric} {best['value']:.4f} (MLflow run {best['run_id']})")

@@ -134,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0,
                    help="K-fold validation: each trial trains K models on stratified folds and "
                         "is scored by their out-of-fold predictions (0: the search file's "
-                        "validation.folds, if any; else one validation split)")
+                        "validation, if any; else one validation split); shorthand for "
+                        "--validation kfold:folds=K")
+    p.add_argument("--validation", default="",
+                   help="how trials are validated, as KIND:NAME=VALUE,... in place of the search "
+                        "file's validation section: holdout[:fraction=F], kfold:folds=K, "
+                        "repeated:repeats=R,fraction=F (empty: the file's)")
     p.add_argument("--storage", default="",
                    help="Optuna: a journal file (empty: optuna.journal) or an RDB URL; "
                         "KerasTuner: a directory (empty: kerastuner/)")

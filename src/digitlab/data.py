@@ -279,24 +279,33 @@ def check_split(data: DigitData, fraction: float) -> None:
             )
 
 
-def split(data: DigitData, fraction: float, seed: int) -> Split:
-    """Stratified, seeded train/validation split: each class keeps its share."""
+def split_indices(labels: np.ndarray, fraction: float, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train rows, validation rows): each class keeps its share."""
     rng = np.random.default_rng(seed)
     val_parts = []
-    for c in np.unique(data.train_labels):
-        idx = rng.permutation(np.flatnonzero(data.train_labels == c))
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
         val_parts.append(idx[: max(1, round(fraction * len(idx)))])
     val_idx = np.sort(np.concatenate(val_parts))
-    mask = np.ones(len(data.train_labels), dtype=bool)
+    mask = np.ones(len(labels), dtype=bool)
     mask[val_idx] = False
-    train_idx = rng.permutation(np.flatnonzero(mask))
+    return rng.permutation(np.flatnonzero(mask)), val_idx
+
+
+def take(data: DigitData, train_rows: np.ndarray, val_rows: np.ndarray) -> Split:
+    """The labelled images at these rows, to train on and to validate on."""
     return Split(
-        train_images=data.train_images[train_idx],
-        train_labels=data.train_labels[train_idx],
-        val_images=data.train_images[val_idx],
-        val_labels=data.train_labels[val_idx],
-        val_rows=val_idx,
+        train_images=data.train_images[train_rows],
+        train_labels=data.train_labels[train_rows],
+        val_images=data.train_images[val_rows],
+        val_labels=data.train_labels[val_rows],
+        val_rows=val_rows,
     )
+
+
+def split(data: DigitData, fraction: float, seed: int) -> Split:
+    """Stratified, seeded train/validation split: each class keeps its share."""
+    return take(data, *split_indices(data.train_labels, fraction, seed))
 
 
 def describe(data: DigitData) -> str:

@@ -19,6 +19,24 @@ from pathlib import Path
 STALE_TEMPORARY_SECONDS = 60
 
 
+def worker_host() -> str:
+    """The machine name a worker records on its trials (DIGITLAB_WORKER_HOST overrides it)."""
+    return os.environ.get("DIGITLAB_WORKER_HOST") or socket.gethostname()
+
+
+def worker_id() -> str:
+    return f"{worker_host()}:{os.getpid()}"
+
+
+def owner_is_gone(worker: str) -> bool:
+    """Whether the `host:pid` that ran a trial is a dead process of this machine; another
+    machine's trials are left to heartbeats (RDB storage)."""
+    host, _, pid = worker.rpartition(":")
+    if host != worker_host():
+        return False
+    return not pid.isdigit() or process_is_gone(int(pid))
+
+
 def process_is_gone(pid: int) -> bool:
     """Whether no process of this machine has the id `pid` (one we may not signal is alive)."""
     try:

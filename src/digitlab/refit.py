@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from digitlab import config as config_mod
+from digitlab import osutil
 from digitlab.data import DigitData
 from digitlab.errors import ConfigError, UserError, one_line
 
@@ -103,11 +104,9 @@ def existing(client: MlflowClient, run: Run, digest: str) -> Run | None:
 def end_abandoned(client: MlflowClient, parent: Run, condition: str = "", kind: str = KIND) -> None:
     """Runs of `kind` under `parent` whose process on this machine died (kill -9 leaves them
     RUNNING) end KILLED, so the runs table shows none as still going."""
-    from digitlab.search.coordination import owner_is_gone
-
     running = "attributes.status = 'RUNNING'" + (f" and {condition}" if condition else "")
     for stale in nested(client, parent, running, kind):
-        if owner_is_gone(stale.data.tags.get("worker", "")):
+        if osutil.owner_is_gone(stale.data.tags.get("worker", "")):
             client.set_tag(stale.info.run_id, "error", f"interrupted: the process running this {kind} died")
             client.set_terminated(stale.info.run_id, "KILLED")
 
@@ -117,7 +116,6 @@ def refit(run: Run, data: DigitData, config=None) -> Run:
     run nested under the trial. `config` is `refit_config(run)` when the caller has checked
     it already."""
     from digitlab import console
-    from digitlab.search.coordination import worker_id
     from digitlab.tracked import tracked_run
     from digitlab.validation import AllImages
 
@@ -127,8 +125,8 @@ def refit(run: Run, data: DigitData, config=None) -> Run:
         return found
     config = config or refit_config(run)
     end_abandoned(client, run)
-    tags = {"digitlab.kind": KIND, "refit_of": run.info.run_id, "worker": worker_id(),
-            "trial_number": run.data.tags.get("trial_number", ""), "validation": "none",
+    tags = {"digitlab.kind": KIND, "refit_of": run.info.run_id, "worker": osutil.worker_id(),
+            "trial_number": run.data.tags.get("trial_number", ""),
             "refit_epochs": config.training.epochs}
     name = f"refit {run.info.run_name}"
     log.info("%s: %d epochs on all %d labelled images", name, config.training.epochs,

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import mlflow
 
 from digitlab import tracking, train
+from digitlab import validation as validation_mod
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData
 from digitlab.errors import TrainingFailed
-from digitlab.validation import Holdout, Validation
+from digitlab.validation import Validation
 
 
 @dataclass
@@ -69,7 +70,7 @@ def tracked_run(
     K-fold trial's folds, a refit's nothing held out); it records what it held out and
     logs the models the run hands on.
     """
-    validation = validation or Holdout()
+    validation = validation or validation_mod.default()
     with tracking.open_run(name or config.name, nested=nested, tags=tags,
                            parent_run_id=parent_run_id, experiment_id=experiment_id,
                            system_metrics=tracking.system_metrics_enabled()) as handle:
@@ -79,7 +80,8 @@ def tracked_run(
         if params:
             mlflow.log_params(params)
         result = validation.fit(config, data, callbacks=list(callbacks),
-                                on_epoch=tracking.epoch_logger(handle.run_id), verbose=verbose)
+                                on_epoch=tracking.epoch_logger(handle.run_id), verbose=verbose,
+                                label=name or config.name)
         verdict = judge(result)
         if verdict.log_result:
             tracking.log_result(result)

@@ -59,6 +59,7 @@ class Result:
     diverged: bool = False  # the loss became NaN or infinite
     plan: stream.Plan | None = None  # epochs of a fixed number of images; None: passes
     epoch_seconds: tuple[float, ...] = ()  # wall time of each epoch, validation included
+    parts: tuple = ()  # a run of several splits: each split's own result (validation.fitter)
 
     @property
     def images_seen(self) -> int:
@@ -150,15 +151,10 @@ def run(
     """Build, compile and fit the experiment; evaluate on validation and, if known, holdout.
 
     `on_epoch(epoch, metrics)` receives every epoch's finite metrics (MLflow logging);
-    `callbacks` run after the record (pruning), before the recipe's own. `split` replaces
-    the config's own validation split (`training.validation_fraction`, `split_seed`): a
-    K-fold trial trains once per fold (`digitlab.folds`), and a refit on every labelled
-    image passes one without validation images."""
-    if split is None:
-        data_mod.check_split(data, config.training.validation_fraction)  # callers check first too
-        split = data_mod.split(data, config.training.validation_fraction, config.split_seed)
+    `callbacks` run after the record (pruning), before the recipe's own. `split`: what the
+    run's validation gives it (`validation.fitter`); by default the config's own split."""
+    split = split or own_split(config, data)
     runtime.seed_everything(config.seed)
-
     keras.backend.clear_session()
     # After clear_session, which resets the global dtype policy to float32.
     precision = runtime.set_precision(config.training.mixed_precision)
@@ -204,6 +200,12 @@ def run(
         plan=plan,
         epoch_seconds=tuple(recorder.seconds),
     )
+
+
+def own_split(config: ExperimentConfig, data: DigitData) -> Split:
+    """The config's validation split (`training.validation_fraction`, `split_seed`), checked."""
+    data_mod.check_split(data, config.training.validation_fraction)  # callers check first too
+    return data_mod.split(data, config.training.validation_fraction, config.split_seed)
 
 
 def training_batches(split: Split, batch_size: int, seed: int, plan: stream.Plan | None = None) -> dict:
@@ -290,7 +292,7 @@ def length_line(config: ExperimentConfig, data: DigitData) -> str:
     plan is: "kaggle_cnn: 30 epochs of one pass (1,134,000 images, 30 passes over 37,800
     training images); about 28.0 min here"."""
     t = config.training
-    split = data_mod.split(data, t.validation_fraction, config.split_seed)
+    split = own_split(config, data)
     step, val_seconds = time_step(config, data, split)
     n = len(split.train_labels)
     steps = math.ceil((t.epoch_images or n) / t.batch_size)

@@ -1,92 +1,33 @@
 """The model registry: select the best trial(s) of a search, package and evaluate them
 through the serving path, register a version, load-check it, gate it, move the aliases.
 
-- `selection`: which runs (the top trials by `search.ranking`, or one named run);
-- `packaging`: the serving model, its evaluation (shared with `digitlab submit`), the
-  registered version and its load check;
+- `selection`: which runs (the top trials by `search.ranking`, a search's final models, or
+  one named run);
+- `members`: what a registered model is made of (each member's Keras models, weights);
+- `evaluation`: a serving model scored on held-out images by the path `digitlab submit`
+  uses, and the load check;
+- `packaging`: registration: the pyfunc model logged, the version, its tags and description;
+- `promotion`: the promote flow (select, refit, register, load check, gate);
 - `aliases`: the gate, `production` / `previous`, rollback;
-- `ensemble`: `--ensemble auto`, greedy selection over the trials' stored predictions;
 - `promotion_policy`: `registry/policy.yaml` (model name, gate, aliases, inference
   batch), typed.
 """
 
 from __future__ import annotations
 
-import logging
-
-from mlflow import MlflowClient
-
-from digitlab import data as data_mod
-from digitlab.errors import UserError
-from digitlab.registry import aliases, packaging, promotion_policy, selection
+from digitlab.registry import promotion_policy
 from digitlab.registry.aliases import comparable, rollback
-from digitlab.registry.packaging import keras_file, predict_labels, register, to_rows
+from digitlab.registry.evaluation import predict_labels, to_rows
+from digitlab.registry.members import keras_file
+from digitlab.registry.packaging import register
+from digitlab.registry.promotion import promote
 from digitlab.registry.promotion_policy import Policy
-from digitlab.search import ensemble as ensemble_mod
 from digitlab.search.ranking import latest_search_run, ranked_trials
-
-log = logging.getLogger("digitlab.registry")
 
 
 def policy() -> Policy:
     """registry/policy.yaml of the working directory, else the shipped one (typed)."""
     return promotion_policy.load()
-
-
-def promote(dataset: data_mod.DigitData, pol: Policy, search_run_id: str | None = None,
-            run_id: str | None = None, ensemble: int | str | None = None, tta: bool = False,
-            min_delta: float | None = None, force: bool = False,
-            refit: bool = False) -> tuple[bool, str, object]:
-    """Select, (refit,) register, load-check, gate and move the aliases; returns whether
-    the gate refused the version (it is registered, the aliases are not moved), the line
-    that says what happened, and the version.
-
-    By default (no run, ensemble or refit named) a search that trained final models
-    promotes them (`search.final`), averaged; else its best trial. With `refit`, each
-    member is first trained again on every labelled image (`digitlab.refit`); every
-    refit's configuration and data are checked before the first one trains."""
-    from digitlab import refit as refit_mod
-    from digitlab import store
-
-    client = MlflowClient()
-    experiment_ids = [e] if (e := store.experiment_id()) else []
-    weights, chosen = None, ""
-    if ensemble is None and not run_id and not refit:
-        _, search_run = selection.select(client, experiment_ids, search_run_id, None, 1)
-        final_runs, final_weights = selection.final_models(client, search_run)
-        if final_runs:
-            chosen = ("final models weighted as greedy selection weighed their trials on the "
-                      "trials' held-out predictions")
-            return _register_and_gate(client, final_runs, search_run, tta, dataset, pol,
-                                      final_weights or None, chosen, min_delta, force)
-    ensemble = ensemble or 1
-    if ensemble == "auto":
-        if run_id:
-            raise UserError("--ensemble auto chooses among a search's trials: give --search-run, not --run")
-        _, search_run = selection.select(client, experiment_ids, search_run_id, None, 1)
-        choice = ensemble_mod.choose(ranked_trials(client, search_run), pol.auto_ensemble_max)
-        members, weights, chosen = choice.members, choice.weights, choice.describe()
-        log.info("--ensemble auto: %s", chosen)
-    else:
-        members, search_run = selection.select(client, experiment_ids, search_run_id, run_id, ensemble)
-    if refit:
-        if done := [m.info.run_id for m in members if m.data.tags.get("refit_of")]:
-            raise UserError(f"run {done[0]} is a refit already; promote it without --refit")
-        packaging.check_data(members, dataset)
-        configs = [refit_mod.refit_config(m) for m in members]
-        members = [refit_mod.refit(m, dataset, c) for m, c in zip(members, configs, strict=True)]
-    return _register_and_gate(client, members, search_run, tta, dataset, pol, weights, chosen,
-                              min_delta, force)
-
-
-def _register_and_gate(client, members, search_run, tta, dataset, pol, weights, chosen,
-                       min_delta, force) -> tuple[bool, str, object]:
-    version = packaging.register(members, search_run, tta, dataset, pol, weights, chosen)
-    packaging.load_check(pol.model_name, version.version, dataset, pol.load_check_rows)
-    moved, message, refused = aliases.gate_and_move(
-        client.get_model_version(pol.model_name, version.version), pol,
-        pol.min_delta if min_delta is None else min_delta, force)
-    return refused, message, version
 
 
 __all__ = ["Policy", "comparable", "keras_file", "latest_search_run", "policy", "predict_labels",

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from digitlab import data as data_mod
 from digitlab import osutil
 from digitlab.errors import UserError
-from digitlab.registry.packaging import load_check
+from digitlab.registry.evaluation import load_check
 
 
 def comparable(candidate, current) -> tuple[str, float, float]:

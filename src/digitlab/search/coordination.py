@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,24 +22,6 @@ from digitlab import osutil
 from digitlab.errors import UserError
 
 DEFAULT_STORAGE = "optuna.journal"
-
-
-def worker_host() -> str:
-    """The machine name a worker records on its trials (DIGITLAB_WORKER_HOST overrides it)."""
-    return os.environ.get("DIGITLAB_WORKER_HOST") or socket.gethostname()
-
-
-def worker_id() -> str:
-    return f"{worker_host()}:{os.getpid()}"
-
-
-def owner_is_gone(worker: str) -> bool:
-    """Whether the `host:pid` that ran a trial is a dead process of this machine; another
-    machine's trials are left to heartbeats (RDB storage)."""
-    host, _, pid = worker.rpartition(":")
-    if host != worker_host():
-        return False
-    return not pid.isdigit() or osutil.process_is_gone(int(pid))
 
 
 def is_rdb(url: str) -> bool:

@@ -32,11 +32,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from digitlab import config as config_mod
-from digitlab import console, refit
+from digitlab import console, osutil, refit
 from digitlab.data import DigitData
 from digitlab.errors import UserError
 from digitlab.search import ensemble, ranking
-from digitlab.search.coordination import worker_id
 
 log = logging.getLogger("digitlab.search")
 
@@ -177,7 +176,7 @@ def run_stage(parent_run_id: str, dataset: DigitData, models: int, images: int,
                 "final_weight": f"{member.weight:.6g}",
                 "trial_number": member.trial_number, "final_images": plan["images"],
                 "final_passes": f"{passes:.3g}", "refit_epochs": config.training.epochs,
-                "worker": worker_id(), "validation": "none"}
+                "worker": osutil.worker_id()}
         name = f"final {member.index}/{len(members)}: trial {member.trial_number}"
         log.info("%s: %.3g passes (%s images) on all %s labelled images, seed %d", name, passes,
                  f"{plan['images']:,}", f"{len(dataset.train_labels):,}", member.seed)

@@ -15,9 +15,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from digitlab import console
+from digitlab import console, osutil
 from digitlab.errors import SearchFailed, UserError
-from digitlab.search import coordination, params
+from digitlab.search import coordination, params, parent_run
 from digitlab.search import settings as settings_mod
 from digitlab.search import trial as trial_mod
 from digitlab.search.settings import Settings
@@ -34,12 +34,10 @@ RETRY_OF = "retry_of"
 def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial whose worker stopped sending heartbeats (on any machine): as on resume,
     its MLflow run ends KILLED and its parameters are queued once more."""
-    from digitlab.search import report
-
     # Optuna has already finished the trial, so it takes no new attributes: a FAIL
     # trial without a fail_reason is one whose worker died (see counts_toward_budget).
     if run_id := trial.user_attrs.get("mlflow_run_id"):
-        report.end_trial_run_killed(run_id)
+        parent_run.end_trial_run_killed(run_id)
     if RETRY_OF not in trial.user_attrs:
         study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
 
@@ -140,7 +138,7 @@ class OptunaEngine:
         and queue their parameters once more (a retried trial is not retried again)."""
         recovered = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if not coordination.owner_is_gone(str(t.user_attrs.get("worker", ""))):
+            if not osutil.owner_is_gone(str(t.user_attrs.get("worker", ""))):
                 continue  # alive, or another machine's trial: heartbeats (RDB storage) cover those
             # A told trial takes no attributes, and only the storage API sets one on a trial
             # that is not this process's own: it takes the internal id.
@@ -164,13 +162,11 @@ class OptunaEngine:
         overshoot the shared budget. While the budget is taken but trials are still
         running elsewhere, wait: one of them may die and leave its place to retry.
         """
-        from digitlab.search import report
-
         while True:
             with self.lock():
                 if coordination.is_rdb(self.storage_url):
                     optuna.storages.fail_stale_trials(self.study)
-                self.recover_interrupted(report.end_trial_run_killed)
+                self.recover_interrupted(parent_run.end_trial_run_killed)
                 trials = self.study.get_trials(deepcopy=False)
                 finished = sum(counts_toward_budget(t) for t in trials)
                 running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -178,7 +174,7 @@ class OptunaEngine:
                     return None
                 if finished + running < self.settings.trials:
                     trial = self.study.ask()
-                    trial.set_user_attr("worker", coordination.worker_id())
+                    trial.set_user_attr("worker", osutil.worker_id())
                     if gpu := os.environ.get("CUDA_VISIBLE_DEVICES"):
                         trial.set_user_attr("cuda_visible_devices", gpu)
                     return trial

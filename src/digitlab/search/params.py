@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from digitlab.search.space import Param
+from digitlab.search.search_file import Param
 
 
 def encode(value: Any) -> Any:

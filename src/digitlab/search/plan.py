@@ -146,15 +146,15 @@ def measure(settings: Settings, data: DigitData) -> Plan:
     study_file = settings.study_file
     config = study_file.trial_config(dict(study_file.start), settings.seed, 0)
     t = config.training
-    k = study_file.validator.models_per_run
-    split = data_mod.split(data, study_file.validator.timing_fraction(config), config.split_seed)
+    scheme = study_file.validator
+    split = data_mod.take(data, *scheme.splits(data.train_labels, config)[0])
     step, val_seconds = train.time_step(config, data, split)
     n = len(split.train_labels)
     steps = math.ceil((t.epoch_images or n) / t.batch_size)
     epochs = study_file.budget.max_epochs
     plan = Plan(epoch_seconds=steps * step + val_seconds, epochs=epochs,
                 first_rung=study_file.optuna.min_epochs if stops_early(settings) else epochs,
-                runs_per_trial=k, epoch_images=steps * t.batch_size, train_images=n,
+                runs_per_trial=scheme.n_splits, epoch_images=steps * t.batch_size, train_images=n,
                 step_seconds=step, batch_size=t.batch_size, labelled_images=len(data.train_labels))
     return plan.split(study_file.budget, study_file.final)
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from digitlab import console, store
 from digitlab import data as data_mod
 from digitlab.errors import Terminated
-from digitlab.search import final, ranking, report
+from digitlab.search import final, parent_run, ranking
 from digitlab.search import plan as plan_mod
 from digitlab.search.settings import Settings
 from digitlab.search.workers import engine_for, run_workers
@@ -143,14 +143,14 @@ def run_study(settings: Settings, dataset: data_mod.DigitData | None = None) -> 
     if finished >= settings.trials and not _final_to_do(settings, engine.parent_run_id):
         log.info("study %r is already finished (%d of %d trials); nothing to do",
                  settings.study, finished, settings.trials)
-        report.point_to_parent(engine.parent_run_id)
+        parent_run.point_to(engine.parent_run_id)
         return {"already_finished": True}
     plan_line = plan.line()
     log.info("%s", plan_line)
     with engine.lock():  # workers starting together on several machines share one parent run
-        parent_run_id, experiment_id = report.open_parent(settings, engine.parent_run_id)
+        parent_run_id, experiment_id = parent_run.open_or_resume(settings, engine.parent_run_id)
         engine.set_parent_run_id(parent_run_id)
-    recovered = engine.recover_interrupted(report.end_trial_run_killed)
+    recovered = engine.recover_interrupted(parent_run.end_trial_run_killed)
     if recovered:
         log.info("trials %s were interrupted: marked FAIL, their runs KILLED, parameters queued again",
                  recovered)
@@ -197,7 +197,7 @@ def _trials(engine, settings: Settings, dataset, parent_run_id: str, experiment_
         raise
     finally:
         rows = engine.rows()
-        summary = report.finish(settings, parent_run_id, rows, status=status)
+        summary = parent_run.finish(settings, parent_run_id, rows, status=status)
     summary.update(parent_run_id=parent_run_id, study=settings.study, rows=rows,
                    out_of_time=settings.out_of_time() and engine.finished() < settings.trials)
     return summary

@@ -6,10 +6,10 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from digitlab import validation
 from digitlab.errors import UserError
-from digitlab.search import space as space_mod
-from digitlab.search.space import StudyFile
+from digitlab.search import search_file
+from digitlab.search.search_file import StudyFile
+from digitlab.validation import Validation
 
 ENGINES = ("optuna", "kerastuner")
 
@@ -42,15 +42,15 @@ class Settings:
         return self.study_file.budget.max_epochs
 
     @property
-    def validation(self) -> validation.Holdout | validation.KFold:
-        """How trials are validated: one split, or K folds (the file's or --folds)."""
+    def validation(self) -> Validation:
+        """How trials are validated: the file's, or --validation's (or --folds')."""
         return self.study_file.validator
 
 
 def make_settings(space_path: str, engine: str = "optuna", trials: int | None = None,
                   max_epochs: int | None = None, minutes: float | None = None, workers: int = 1, storage: str | None = None,
                   study: str | None = None, data_dir: str | None = None, seed: int = 42,
-                  folds: int | None = None) -> Settings:
+                  validation: dict | None = None) -> Settings:
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
     if workers < 1:
@@ -60,15 +60,12 @@ def make_settings(space_path: str, engine: str = "optuna", trials: int | None = 
     for option, value in (("--trials", trials), ("--max-epochs", max_epochs), ("--minutes", minutes)):
         if value is not None and (value < 0 or value != value or value == float("inf")):
             raise UserError(f"{option} must be a positive number (0: the search file's)")
-    validation.check_folds_option(folds)
     # Budget options take the place of the file's values before the file is checked, so
     # they meet the same rules (e.g. optuna.min_epochs <= budget.max_epochs); so does
-    # --folds (e.g. an objective that has an out-of-fold value).
+    # --validation (e.g. an objective that has an out-of-fold value).
     budget = {"trials": trials or None, "max_epochs": max_epochs or None, "minutes": minutes or None}
-    study_file: StudyFile = space_mod.load(space_path, {k: v for k, v in budget.items() if v},
-                                      folds=folds or None)
-    # A K-fold study of a file is another study than its single-split one (their objectives
-    # differ), so by default it gets a name of its own and neither resumes the other.
+    study_file: StudyFile = search_file.load(space_path, {k: v for k, v in budget.items() if v},
+                                      validation=validation)
     default = f"{study_file.name}-{engine}{study_file.validator.study_suffix()}"
     return Settings(study_file=study_file, engine=engine, study=study or default,
                     storage=storage, workers=workers, data_dir=data_dir, seed=seed,

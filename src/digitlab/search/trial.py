@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from digitlab import console, train
 from digitlab.data import DigitData
 from digitlab.search.params import decode
-from digitlab.search.space import StudyFile
+from digitlab.search.search_file import StudyFile
 from digitlab.tracked import Verdict, tracked_run
 
 log = logging.getLogger("digitlab.search")
@@ -98,7 +98,7 @@ def run_trial(
     values = {k: decode(v) for k, v in values.items()}
     config = study_file.trial_config(values, seed, number, epochs)
     hook = PruningHook(study_file.objective.metric, report) if report else None
-    validation = study_file.validator.for_run(number)
+    validation = study_file.validator
     tags = {"trial_number": number, "engine": engine, "trial_state": "RUNNING"}
     started: list[str] = []
 

@@ -1,11 +1,12 @@
 """docs/configuration.md, generated from the experiment dataclasses in `config.py` and the
-search file's in `search/space.py`.
+search file's in `search/search_file.py`.
 
 Every key is listed in the dotted form that `--set`, experiment files and search spaces
 use, with its type, its default and its meaning: the comment on (or just above) the
 field, so the page and the code cannot say different things.
-`python -m digitlab.config_reference > docs/configuration.md` regenerates it, and a
-test fails when the checked-in page differs from what this prints.
+`python docs/config_reference.py > docs/configuration.md` regenerates it, and a test fails
+when the checked-in page differs from what this prints. A docs build tool, not part of the
+installed package.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import sys
 import tokenize
 import typing
 
-from digitlab import config, typed
-from digitlab.search import space
+from digitlab import config, typed, validation
+from digitlab.search import search_file
 
 HEADER = """\
 # Experiment configuration
 
 *Generated from the dataclasses in `src/digitlab/config.py` and
-`src/digitlab/search/space.py` and their comments by
-`python -m digitlab.config_reference > docs/configuration.md`: edit the comments there and
+`src/digitlab/search/search_file.py` and their comments by
+`python docs/config_reference.py > docs/configuration.md`: edit the comments there and
 run that command, not this page (a test fails when the two differ).*
 
 Two things are called an *experiment* here:
@@ -71,6 +73,15 @@ file and what each engine does with it.
 
 | key | type | default | meaning |
 | --- | --- | --- | --- |
+"""
+
+VALIDATION_HEADER = """
+### Validation kinds
+
+The search file's `validation:` section names a kind and its parameters, e.g.
+`validation: {kind: kfold, folds: 5}` (`digitlab search --validation kfold:folds=5`, or
+`--folds 5`). Without it, every trial holds out its experiment's own split
+(`training.validation_fraction`).
 """
 
 
@@ -157,7 +168,14 @@ def render() -> str:
     def table(cls: type) -> str:
         return "".join(f"| `{k}` | {cell(t)} | `{d}` | {cell(m)} |\n" for k, t, d, m in rows(cls))
 
-    return HEADER + table(config.ExperimentConfig) + SEARCH_HEADER + table(space.StudyFile)
+    kinds = "".join(
+        f"\n**`{kind}`**: {' '.join(sys.modules[cls.__module__].__doc__.split())}\n\n"
+        + ("| key | type | default | meaning |\n| --- | --- | --- | --- |\n"
+           + "".join(f"| `validation.{k}` | {cell(t)} | `{d}` | {cell(m)} |\n" for k, t, d, m in rows(cls))
+           if rows(cls) else "")
+        for kind, cls in validation.KINDS.items() if cls.holds_out)
+    return (HEADER + table(config.ExperimentConfig) + SEARCH_HEADER + table(search_file.StudyFile)
+            + VALIDATION_HEADER + kinds)
 
 
 if __name__ == "__main__":

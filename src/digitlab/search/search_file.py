@@ -1,7 +1,7 @@
 """Search files (`search/*.yaml`): one format for both engines.
 
 A file names the experiment(s), the objective, the budget, engine options, how trials
-are validated (one split, or `validation: {folds: K}`) and the space: dotted config keys
+are validated (`validation: {kind: kfold, folds: K}`; none: one split) and the space: dotted config keys
 mapped to int, float (optionally log) or categorical ranges, and optionally where to
 start: values for the first trial of a new study. With several experiments, the
 architecture itself is a categorical parameter named `experiment`.
@@ -99,13 +99,6 @@ class KerasTunerOptions:
 
 
 @dataclass(frozen=True)
-class ValidationOptions:
-    # K-fold validation with K >= 2: a trial trains K models and is scored out of fold;
-    # 0: one validation split (--folds)
-    folds: int = 0
-
-
-@dataclass(frozen=True)
 class StudyFile:
     # one experiment or a list of them; with several, the architecture is a categorical
     # parameter named `experiment`
@@ -115,7 +108,9 @@ class StudyFile:
     budget: Budget = field(default_factory=Budget)
     optuna: OptunaOptions = field(default_factory=OptunaOptions)
     kerastuner: KerasTunerOptions = field(default_factory=KerasTunerOptions)
-    validation: ValidationOptions = field(default_factory=ValidationOptions)
+    # how every trial is validated: {kind: holdout | kfold | repeated, and the kind's
+    # parameters} (digitlab.validation); {}: the experiment's own split
+    validation: dict[str, Any] = field(default_factory=dict)
     max_consecutive_failures: int = 3  # this many failed trials in a row stop the search
     refit: bool = False  # retrain the best trial on every labelled image when the search ends
     final: FinalTraining = field(default_factory=FinalTraining)  # the final stage (final models)
@@ -141,10 +136,10 @@ class StudyFile:
             params.insert(0, Param(ARCHITECTURE_KEY, "categorical", choices=tuple(self.experiments)))
         return tuple(params)
 
-    @property
-    def validator(self) -> validation_mod.Holdout | validation_mod.KFold:
-        """How every trial is validated: one split, or `validation.folds` folds."""
-        return validation_mod.of(self.validation.folds)
+    @functools.cached_property
+    def validator(self) -> validation_mod.Validation:
+        """How every trial is validated (the `validation` section, checked on loading)."""
+        return validation_mod.from_spec(self.validation)
 
     @property
     def scored_by(self) -> str:
@@ -255,11 +250,12 @@ def _samples(p: Param) -> list[Any]:
 
 
 def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = None,
-         folds: int | None = None) -> StudyFile:
+         validation: dict | None = None) -> StudyFile:
     """A search file by name (`quick`) or path, found as `resources.find` finds it.
 
-    `budget_overrides` (trials, max_epochs, minutes from the command line) and `folds`
-    (--folds) replace the file's values before the checks, so they meet the same rules.
+    `budget_overrides` (trials, max_epochs, minutes from the command line) and `validation`
+    (--validation, --folds) replace the file's values before the checks, so they meet the
+    same rules.
     """
     path = resources.find("search", str(name_or_path))
     # An empty section (`fixed:` with nothing under it) is the same as none.
@@ -268,10 +264,11 @@ def load(name_or_path: str | Path, budget_overrides: dict[str, Any] | None = Non
         raw["experiments"] = raw.pop("experiment")
     if isinstance(raw.get("experiments"), str):
         raw["experiments"] = [raw["experiments"]]
-    for section, given in (("budget", budget_overrides), ("validation", {"folds": folds})):
-        given = {k: v for k, v in (given or {}).items() if v is not None}
-        if given and isinstance(raw.get(section, {}), dict):
-            raw[section] = {**raw.get(section, {}), **given}
+    given = {k: v for k, v in (budget_overrides or {}).items() if v is not None}
+    if given and isinstance(raw.get("budget", {}), dict):
+        raw["budget"] = {**raw.get("budget", {}), **given}
+    if validation:
+        raw["validation"] = validation
     try:
         study_file = typed.build(StudyFile, raw, "")
     except ConfigError as exc:  # "budget.trials: expected int, ..." / ": unknown key ..."
@@ -312,15 +309,17 @@ def _check(s: StudyFile) -> None:
         (s.kerastuner.tuner in KERASTUNER_TUNERS,
          f"kerastuner.tuner must be one of {', '.join(KERASTUNER_TUNERS)}"),
         (s.max_consecutive_failures >= 1, "max_consecutive_failures must be a positive integer"),
-        (s.validation.folds == 0 or s.validation.folds >= 2,
-         "validation.folds must be a whole number of at least 2 (0: one validation split)"),
         (ARCHITECTURE_KEY not in s.space or len(s.experiments) < 2,
          f"space.{ARCHITECTURE_KEY} is implied by the experiments list"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{p}: {message}")
-    if problem := s.validator.objective_problem(s.objective.metric):
+    try:
+        validator = s.validator
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    if problem := validator.objective_problem(s.objective.metric):
         raise ConfigError(f"{p}: {problem}")
     params = {param.key: param for param in s.params}
     for key, value in s.start.items():
