@@ -16,14 +16,14 @@ ROWS = 28_000
 def measure(quick: bool) -> list[Row]:
     from mlflow import MlflowClient
 
-    from digitlab import config, data, registry, store, submission, tracked
+    from digitlab import config, data, registry, store, submission, training_run
 
     repeats = 1 if quick else 3
     experiment = "dnn" if quick else "kaggle_cnn"
     with scratch("inference") as root:
         dataset = data.load()
         store.configure()
-        run_id, _, _ = tracked.tracked_run(
+        run_id, _, _ = training_run.tracked_run(
             config.load_experiment(experiment, {"training.epochs": 1}), dataset, verbose=0)
         version = registry.register([MlflowClient().get_run(run_id)], None, False, dataset,
                                     registry.policy())

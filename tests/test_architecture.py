@@ -39,36 +39,58 @@ def outside_validation():
             yield path, ast.parse(path.read_text())
 
 
-def test_no_module_outside_the_validation_package_asks_which_kind_it_holds():
-    """No isinstance against a kind, no comparison with a kind's name, no tag of one kind
-    read, no folds count passed around: a new kind is one class in validation/."""
+def kind_questions(tree: ast.AST, name: str) -> list[str]:
+    """Where code asks which kind of validation it holds: an isinstance against a kind, a
+    comparison of a kind with a kind's name, a kind's own tag read, a folds count passed."""
     from digitlab import validation
 
-    names = set(validation.KINDS)
-    found = []
-    for path, tree in outside_validation():
-        where = path.relative_to(SRC)
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance"
-                    and any(getattr(n, "id", getattr(n, "attr", "")) in KIND_CLASSES
-                            for n in ast.walk(node.args[1]))):
-                found.append(f"{where}:{node.lineno}: isinstance against a kind")
-            inside = list(ast.walk(node))
-            if isinstance(node, ast.Compare) and any(
-                    isinstance(n, ast.Constant) and n.value in names for n in inside) and any(
-                    getattr(n, "attr", None) == "kind" or getattr(n, "value", None) == "validation"
-                    for n in inside):
-                found.append(f"{where}:{node.lineno}: compares with a kind's name")
-            if isinstance(node, ast.Constant) and node.value in ("validation_folds", "validation_fraction"):
-                found.append(f"{where}:{node.lineno}: reads a kind's tag {node.value}")
-            if isinstance(node, ast.arg) and node.arg == "folds":
-                found.append(f"{where}:{node.lineno}: a folds parameter")
-            if isinstance(node, ast.keyword) and node.arg == "folds":
-                found.append(f"{where}:{node.lineno}: a folds keyword")
-            # the --folds shorthand is read in one place, into validation.from_option
-            if isinstance(node, ast.Attribute) and node.attr == "folds" and path.name != "cli.py":
-                found.append(f"{where}:{node.lineno}: .folds")
+    names, found = set(validation.KINDS), []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance"
+                and any(getattr(n, "id", getattr(n, "attr", "")) in KIND_CLASSES
+                        for n in ast.walk(node.args[1]))):
+            found.append(f"{name}:{node.lineno}: isinstance against a kind")
+        inside = list(ast.walk(node))
+        if isinstance(node, ast.Compare) and any(
+                isinstance(n, ast.Constant) and n.value in names for n in inside) and any(
+                getattr(n, "attr", None) == "kind" or getattr(n, "value", None) == "validation"
+                for n in inside):
+            found.append(f"{name}:{node.lineno}: compares with a kind's name")
+        if isinstance(node, ast.Constant) and node.value in ("validation_folds", "validation_fraction"):
+            found.append(f"{name}:{node.lineno}: reads a kind's tag {node.value}")
+        if isinstance(node, ast.arg) and node.arg == "folds":
+            found.append(f"{name}:{node.lineno}: a folds parameter")
+        if isinstance(node, ast.keyword) and node.arg == "folds":
+            found.append(f"{name}:{node.lineno}: a folds keyword")
+        # the --folds shorthand is read in one place, into validation.from_option
+        if isinstance(node, ast.Attribute) and node.attr == "folds" and name != "cli.py":
+            found.append(f"{name}:{node.lineno}: .folds")
+    return found
+
+
+def test_no_module_outside_the_validation_package_asks_which_kind_it_holds():
+    """A new kind is one class in validation/: nothing else asks which kind it holds."""
+    found = [q for path, tree in outside_validation()
+             for q in kind_questions(tree, str(path.relative_to(SRC)))]
     assert not found, "\n".join(found)
+
+
+def test_the_kind_check_finds_each_question():
+    code = """
+def f(scheme, run, folds):
+    if isinstance(scheme, validation.KFold): pass
+    if scheme.kind == "kfold": pass
+    if run.data.tags["validation"] == "repeated": pass
+    k = run.data.tags.get("validation_folds")
+    make(folds=3)
+    return settings.folds
+"""
+    found = kind_questions(ast.parse(code), "x.py")
+    assert sorted(q.split(": ", 1)[1] for q in found) == sorted([
+        "a folds parameter", "isinstance against a kind", "compares with a kind's name",
+        "compares with a kind's name", "reads a kind's tag validation_folds", "a folds keyword", ".folds"])
+    # prose and other comparisons are not questions
+    assert not kind_questions(ast.parse("x = pruner != 'none'\ny = 'split' in text"), "y.py")
 
 
 def test_the_kinds_of_validation_are_one_class_each_in_one_registry():
@@ -104,7 +126,7 @@ def import_graph(src=SRC) -> dict[str, set[str]]:
 def test_no_import_cycle_between_packages():
     """Inline imports count too: an import inside a function is still an arrow."""
     graph = import_graph()
-    assert "digitlab.validation" in graph["digitlab.tracked"]  # the graph is built
+    assert "digitlab.validation" in graph["digitlab.training_run"]  # the graph is built
 
     def reach(start: str) -> set[str]:
         seen, todo = set(), [start]
@@ -142,9 +164,15 @@ def test_no_function_over_60_lines():
 def test_a_trial_reaches_train_run_through_its_validation_not_a_function_passed_in():
     import inspect
 
-    from digitlab import tracked
+    from digitlab import training_run
     from digitlab.validation import fitter
 
-    assert "fit" not in inspect.signature(tracked.tracked_run).parameters
-    assert "folds" not in inspect.signature(tracked.tracked_run).parameters
+    assert "fit" not in inspect.signature(training_run.tracked_run).parameters
+    assert "folds" not in inspect.signature(training_run.tracked_run).parameters
     assert "train.run(" in inspect.getsource(fitter.fit)
+
+
+def test_every_module_says_what_it_owns():
+    missing = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py"))
+               if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, missing

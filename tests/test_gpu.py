@@ -6,7 +6,7 @@ Skipped where the backend sees no GPU (CI has none); run with `pytest -m gpu`, u
 
 import pytest
 
-from digitlab import config, data, runtime, store, tracked
+from digitlab import config, data, runtime, store, training_run
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +24,7 @@ def test_a_run_trains_on_the_gpu_in_float16(workdir, tiny_dir, gpu):
 
     store.configure()
     cfg = config.load_experiment("basic_cnn", {"training.epochs": 1, "training.mixed_precision": True})
-    run_id, result, _ = tracked.tracked_run(cfg, data.load(tiny_dir), verbose=0)
+    run_id, result, _ = training_run.tracked_run(cfg, data.load(tiny_dir), verbose=0)
     run = mlflow.get_run(run_id)
     assert run.data.tags["device"] == gpu
     assert result.precision == "mixed_float16"

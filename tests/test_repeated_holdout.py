@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from digitlab import cli, submission, validation
-from tests.conftest import TINY_SPACE
+from tests.conftest import TINY_SPACE, study_name
 
 REPEATED_SPACE = TINY_SPACE.replace(
     "budget: {trials: 3, max_epochs: 2}",
@@ -42,7 +42,7 @@ def test_a_repeated_holdout_study_searches_promotes_and_submits(workdir, tiny_di
                                 filter_string="tags.trial_number LIKE '%'")
     assert len(trials) == 2
     parent = MlflowClient().get_run(trials[0].data.tags["mlflow.parentRunId"])
-    assert parent.data.tags["search_study"].endswith("-2x0.2")  # a study of its own
+    assert parent.data.tags["search_study"] == study_name("repeated-optuna-2x0.2", tiny_dir)  # its own
     assert "--validation repeated:repeats=2,fraction=0.2" in parent.data.tags["reproduce"]
     for run in trials:
         tags, metrics = run.data.tags, run.data.metrics

@@ -37,27 +37,27 @@ def tiny_training(**changes):
 def test_a_subset_rung_trains_on_the_stated_number_of_images(tiny_dir):
     split = data.split(data.load(tiny_dir), 0.1, seed=3)
     labels = split.train_labels
-    plan = stream.plan(labels, tiny_training(), seed=11, split_seed=3)
-    assert plan.steps_per_epoch == EPOCH // 16 and len(plan.order) == 4 * EPOCH
-    first, rest = plan.order[: 2 * EPOCH], plan.order[2 * EPOCH :]
+    feed = stream.feed(labels, tiny_training(), seed=11, split_seed=3)
+    assert feed.steps_per_epoch == EPOCH // 16 and len(feed.order) == 4 * EPOCH
+    first, rest = feed.order[: 2 * EPOCH], feed.order[2 * EPOCH :]
     # The subset epochs draw from exactly SUBSET images, every digit in its share.
     subset = stream.stratified_subset(labels, SUBSET, 3)
     assert len(subset) == SUBSET and set(first) <= set(subset.tolist())
     np.testing.assert_array_equal(np.bincount(labels[subset]), [10] * 10)
     assert len(set(rest.tolist()) - set(subset.tolist())) > 0  # then all of them
-    assert plan.pool(2) == SUBSET and plan.pool(3) == len(labels)
+    assert feed.pool(2) == SUBSET and feed.pool(3) == len(labels)
     # Every trial of a study (its own seed, the study's split seed) gets the same subset.
-    other = stream.plan(labels, tiny_training(), seed=12, split_seed=3)
+    other = stream.feed(labels, tiny_training(), seed=12, split_seed=3)
     assert set(other.order[: 2 * EPOCH].tolist()) <= set(subset.tolist())
-    assert not np.array_equal(other.order, plan.order)
+    assert not np.array_equal(other.order, feed.order)
 
-    # The backend is fed the plan's rows in the plan's order.
+    # The backend is fed the feed's rows in its order.
     split.train_images[:, 0, 0, 0] = np.arange(len(labels))
-    fed = train.training_batches(split, 16, 11, plan)
-    assert fed["steps_per_epoch"] == plan.steps_per_epoch
+    fed = train.training_batches(split, 16, 11, feed)
+    assert fed["steps_per_epoch"] == feed.steps_per_epoch
     batches = iter(fed["x"])
     rows = []
-    for _ in range(2 * plan.steps_per_epoch):
+    for _ in range(2 * feed.steps_per_epoch):
         images, y = next(batches)
         images = np.asarray(images) if runtime.backend() != "tensorflow" else images.numpy()
         rows.append(images[:, 0, 0, 0].astype(int))

@@ -1,3 +1,5 @@
+"""`python -m digitlab`: the `digitlab` command (cli.main)."""
+
 from digitlab.cli import main
 
 raise SystemExit(main())

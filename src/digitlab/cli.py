@@ -74,11 +74,11 @@ def cmd_train(args) -> int:
     # checked before anything (a cache) is written into the user's data folder
     dataset = data.load(args.data_dir, lambda d: validation.default().check(d, cfg))
     console.import_backend()
-    from digitlab import store, tracked, train
+    from digitlab import store, train, training_run
 
     uri = store.configure()
     print(train.length_line(cfg, dataset), flush=True)  # what it trains and for how long, first
-    run_id, result, _ = tracked.tracked_run(cfg, dataset, verbose=_keras_verbosity())
+    run_id, result, _ = training_run.tracked_run(cfg, dataset, verbose=_keras_verbosity())
     line = f"{cfg.name}: best val_accuracy {result.best_val_accuracy:.4f}"
     if result.holdout_accuracy is not None:
         line += f", holdout_accuracy {result.holdout_accuracy:.4f}"
@@ -144,7 +144,7 @@ def cmd_search(args) -> int:
 
         print(f"digitlab: {report.nothing_completed(summary['rows'], parent_run.failure_reasons(summary['rows']))}", file=sys.stderr)
         return 1
-    metric = settings.study_file.scored_by + settings.validation.short()
+    metric = settings.study_file.scored_by + settings.validation.metric_note()
     print(f"best trial {best['number']}: {metric} {best['value']:.4f} (MLflow run {best['run_id']})")
     if refitted := summary.get("refit_run_id"):
         print(f"refitted trial {best['number']} on every labelled image: MLflow run {refitted}")

@@ -11,7 +11,7 @@ from digitlab import plots, tracking, train
 from digitlab.config import ExperimentConfig
 from digitlab.data import DigitData
 from digitlab.errors import TrainingFailed
-from digitlab.tracked import tracked_run
+from digitlab.training_run import tracked_run
 
 log = logging.getLogger(__name__)
 

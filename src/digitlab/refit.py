@@ -116,7 +116,7 @@ def refit(run: Run, data: DigitData, config=None) -> Run:
     run nested under the trial. `config` is `refit_config(run)` when the caller has checked
     it already."""
     from digitlab import console
-    from digitlab.tracked import tracked_run
+    from digitlab.training_run import tracked_run
     from digitlab.validation import AllImages
 
     client = MlflowClient()

@@ -44,7 +44,7 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Feed:
     """The batches of one run: `order` lists the training rows in the order they are fed."""
 
     order: np.ndarray  # int32 row indices, epochs x steps_per_epoch x batch_size of them
@@ -63,8 +63,8 @@ class Plan:
         return self.subset_size if epochs <= self.subset_epochs else self.train_size
 
 
-def plan(labels: np.ndarray, training, seed: int, split_seed: int) -> Plan | None:
-    """The plan for a run with `training` settings (config.training) on these training
+def feed(labels: np.ndarray, training, seed: int, split_seed: int) -> Feed | None:
+    """The feed of a run with `training` settings (config.training) on these training
     labels; None when epochs are plain passes (epoch_images 0), which Keras feeds itself."""
     if not training.epoch_images:
         return None
@@ -85,11 +85,11 @@ def plan(labels: np.ndarray, training, seed: int, split_seed: int) -> Plan | Non
     everything = np.arange(n)
     first = passes(subset, subset_epochs * per_epoch) if subset is not None else everything[:0]
     rest = passes(everything, (training.epochs - subset_epochs) * per_epoch)
-    return Plan(order=np.concatenate([first, rest]).astype(np.int32), steps_per_epoch=steps,
+    return Feed(order=np.concatenate([first, rest]).astype(np.int32), steps_per_epoch=steps,
                 batch_size=batch, train_size=n,
                 subset_size=len(subset) if subset is not None else n, subset_epochs=subset_epochs)
 
 
-def images_seen(plan: Plan | None, epochs: int, train_size: int) -> int:
+def images_seen(feed: Feed | None, epochs: int, train_size: int) -> int:
     """Training images fed in `epochs` epochs (counted again each time one comes back)."""
-    return epochs * (plan.epoch_images if plan else train_size)
+    return epochs * (feed.epoch_images if feed else train_size)

@@ -161,21 +161,21 @@ def check_data(version, dataset: data_mod.DigitData, model_uri: str) -> None:
                     "trained on it, or --force to submit this one anyway")
 
 
-def submit(dataset: data_mod.DigitData, pol, model_uri: str | None = None, output: str | None = None,
+def submit(dataset: data_mod.DigitData, policy, model_uri: str | None = None, output: str | None = None,
            kaggle_submit: bool = False, force: bool = False) -> dict:
     from tqdm import tqdm
 
     from digitlab import tracking
 
     kaggle = check_kaggle() if kaggle_submit else None
-    model_uri = model_uri or f"models:/{pol.model_name}@{pol.production_alias}"
-    output_path = Path(output or pol.submission_path)
+    model_uri = model_uri or f"models:/{policy.model_name}@{policy.production_alias}"
+    output_path = Path(output or policy.submission_path)
     version = resolve_version(model_uri)
     if not force:
         check_data(version, dataset, model_uri)
     model = mlflow.pyfunc.load_model(model_uri)
     predicted = registry.predict_labels(
-        model, registry.to_rows(dataset.test_images), pol.predict_batch_size,
+        model, registry.to_rows(dataset.test_images), policy.predict_batch_size,
         progress=lambda batches: tqdm(batches, desc="predicting test.csv", unit="batch"))
     write(predicted, output_path)
 

@@ -1,6 +1,6 @@
 """Everything MLflow: where runs go, how they end, and what each one records.
 
-Pure logging: this module trains nothing and imports no backend; `tracked.tracked_run`
+Pure logging: this module trains nothing and imports no backend; `training_run.tracked_run`
 joins it to training."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The single training path: `run(config, data, callbacks, on_epoch) -> Result`.
 
-Every tracked run (`tracked.tracked_run`: `digitlab train`, `compare`, every search
+Every tracked run (`training_run.tracked_run`: `digitlab train`, `compare`, every search
 trial) trains through this function; a trial differs from a plain run only by its
 config overrides and the pruning callback it passes.
 """
@@ -57,21 +57,21 @@ class Result:
     train_seconds: float
     precision: str
     diverged: bool = False  # the loss became NaN or infinite
-    plan: stream.Plan | None = None  # epochs of a fixed number of images; None: passes
+    feed: stream.Feed | None = None  # epochs of a fixed number of images; None: passes
     epoch_seconds: tuple[float, ...] = ()  # wall time of each epoch, validation included
     parts: tuple = ()  # a run of several splits: each split's own result (validation.fitter)
 
     @property
     def images_seen(self) -> int:
         """Training images fed, counted again each time one comes back."""
-        return stream.images_seen(self.plan, self.epochs_trained, len(self.split.train_labels))
+        return stream.images_seen(self.feed, self.epochs_trained, len(self.split.train_labels))
 
     @property
     def subset_size(self) -> int:
         """How many distinct training images the run drew from by its last epoch: fewer
         than all only for a trial that stopped within its subset epochs."""
         n = len(self.split.train_labels)
-        return self.plan.pool(self.epochs_trained) if self.plan else n
+        return self.feed.pool(self.epochs_trained) if self.feed else n
 
     @property
     def epochs_trained(self) -> int:
@@ -168,12 +168,12 @@ def run(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="crossentropy")],
     )
-    plan = stream.plan(split.train_labels, config.training, config.seed, config.split_seed)
-    recorder = EpochRecorder(on_epoch, stream.images_seen(plan, 1, len(split.train_labels)))
+    feed = stream.feed(split.train_labels, config.training, config.seed, config.split_seed)
+    recorder = EpochRecorder(on_epoch, stream.images_seen(feed, 1, len(split.train_labels)))
     validation = (split.val_images, split.val_labels) if len(split.val_labels) else None
     started = time.perf_counter()
     trainable.fit(
-        **training_batches(split, config.training.batch_size, config.seed, plan),
+        **training_batches(split, config.training.batch_size, config.seed, feed),
         epochs=config.training.epochs,
         validation_data=validation,
         callbacks=[recorder, *(callbacks or []), *recipe_callbacks(config)],
@@ -197,7 +197,7 @@ def run(
         train_seconds=train_seconds,
         precision=precision,
         diverged=recorder.diverged,
-        plan=plan,
+        feed=feed,
         epoch_seconds=tuple(recorder.seconds),
     )
 
@@ -208,17 +208,17 @@ def own_split(config: ExperimentConfig, data: DigitData) -> Split:
     return data_mod.split(data, config.training.validation_fraction, config.split_seed)
 
 
-def training_batches(split: Split, batch_size: int, seed: int, plan: stream.Plan | None = None) -> dict:
+def training_batches(split: Split, batch_size: int, seed: int, feed: stream.Feed | None = None) -> dict:
     """`fit` arguments for the training images: every epoch one pass in a new random order,
-    or, with a plan (`training.epoch_images`), the plan's batches in its order.
+    or, with a feed (`training.epoch_images`), the feed's batches in its order.
 
     On TensorFlow this is one endless tf.data stream read `steps_per_epoch` batches at a
     time: given arrays, Keras builds a new iterator every epoch, and on a few CPU cores
     setting it up stalls the start of an epoch for about as long as short epochs take
     (benchmarks/bench_train.py measures a step against plain `fit`).
     """
-    if plan is not None:
-        return _planned_batches(split, plan)
+    if feed is not None:
+        return _fed_batches(split, feed)
     if runtime.backend() != "tensorflow":
         return dict(x=split.train_images, y=split.train_labels, batch_size=batch_size, shuffle=True)
     import tensorflow as tf
@@ -234,11 +234,11 @@ def training_batches(split: Split, batch_size: int, seed: int, plan: stream.Plan
     return dict(x=batches, steps_per_epoch=math.ceil(n / batch_size), shuffle=False)  # shuffled above
 
 
-def _planned_batches(split: Split, plan: stream.Plan) -> dict:
-    """The plan's batches: gathered from the training images by index (the images are held
+def _fed_batches(split: Split, feed: stream.Feed) -> dict:
+    """The feed's batches: gathered from the training images by index (the images are held
     once; the order is a small int32 array). A gather is cheap next to a training step, so
     the map runs in line and prefetching overlaps it with the step."""
-    steps, order = plan.steps_per_epoch, plan.order.reshape(-1, plan.batch_size)
+    steps, order = feed.steps_per_epoch, feed.order.reshape(-1, feed.batch_size)
     images, labels = split.train_images, split.train_labels
     if runtime.backend() != "tensorflow":
         def batches():

@@ -67,54 +67,54 @@ def refusal(candidate, production, min_delta: float) -> str | None:
     return None
 
 
-def gate_and_move(candidate, pol, min_delta: float, force: bool) -> tuple[bool, str, bool]:
+def gate_and_move(candidate, policy, min_delta: float, force: bool) -> tuple[bool, str, bool]:
     """Move the aliases to `candidate` if the gate lets it through: (moved, the line that
     says what happened, whether the gate refused it)."""
     client = MlflowClient()
-    name = pol.model_name
+    name = policy.model_name
     with alias_lock(name):
-        production = current(client, name, pol.production_alias)
+        production = current(client, name, policy.production_alias)
         if production is not None and production.version == candidate.version:
-            return False, f"version {candidate.version} is already {pol.production_alias}", False
+            return False, f"version {candidate.version} is already {policy.production_alias}", False
         if production is not None and not force:
             if why := refusal(candidate, production, min_delta):
-                return False, (f"{why.replace('production', pol.production_alias, 1)}; aliases "
+                return False, (f"{why.replace('production', policy.production_alias, 1)}; aliases "
                                "unchanged (--force overrides)"), True
         if production is not None:
-            client.set_registered_model_alias(name, pol.previous_alias, production.version)
-        client.set_registered_model_alias(name, pol.production_alias, candidate.version)
+            client.set_registered_model_alias(name, policy.previous_alias, production.version)
+        client.set_registered_model_alias(name, policy.production_alias, candidate.version)
     replaced = f" (previous: version {production.version})" if production is not None else ""
     compared = ""
     if production is not None and not force:
         metric, new, old = comparable(candidate, production)
         compared = f"; compared {metric}: {new:.4f} against {old:.4f}"
         if candidate.tags.get("refit") == "true" and _sources(production) <= _sources(candidate):
-            compared = (f"; it is {pol.production_alias}'s configuration trained again on every "
+            compared = (f"; it is {policy.production_alias}'s configuration trained again on every "
                         "labelled image")
-    return True, f"version {candidate.version} is now {pol.production_alias}{replaced}{compared}", False
+    return True, f"version {candidate.version} is now {policy.production_alias}{replaced}{compared}", False
 
 
-def rollback(pol, dataset: data_mod.DigitData) -> str:
+def rollback(policy, dataset: data_mod.DigitData) -> str:
     """Swap production and previous back, once the version that returns has passed the same
     load check a promotion gets (its files may have changed since it was production)."""
     client = MlflowClient()
-    name = pol.model_name
+    name = policy.model_name
 
     def aliased():
-        production = current(client, name, pol.production_alias)
-        previous = current(client, name, pol.previous_alias)
+        production = current(client, name, policy.production_alias)
+        previous = current(client, name, policy.previous_alias)
         if production is None or previous is None:
             raise UserError(f"nothing to roll back to: {name} needs both "
-                            f"{pol.production_alias} and {pol.previous_alias} aliases")
+                            f"{policy.production_alias} and {policy.previous_alias} aliases")
         return production, previous
 
     with alias_lock(name):
         production, previous = aliased()
         try:
-            load_check(name, previous.version, dataset, pol.load_check_rows)
+            load_check(name, previous.version, dataset, policy.load_check_rows)
         except UserError as exc:
             raise UserError(f"cannot roll back: {exc}") from None
-        client.set_registered_model_alias(name, pol.production_alias, previous.version)
-        client.set_registered_model_alias(name, pol.previous_alias, production.version)
-    return (f"{pol.production_alias} is version {previous.version} again; "
-            f"{pol.previous_alias} is version {production.version}")
+        client.set_registered_model_alias(name, policy.production_alias, previous.version)
+        client.set_registered_model_alias(name, policy.previous_alias, production.version)
+    return (f"{policy.production_alias} is version {previous.version} again; "
+            f"{policy.previous_alias} is version {production.version}")

@@ -46,7 +46,7 @@ def source_val_accuracy(members: list[Run]) -> float:
     return float(np.mean(values)) if None not in values else float("nan")
 
 
-def evaluate(model, members: list[Run], way, group_sizes: list[int], dataset: data_mod.DigitData,
+def evaluate(model, members: list[Run], scheme, group_sizes: list[int], dataset: data_mod.DigitData,
              batch_size: int, tta: bool, weights: list[float] | None = None) -> dict:
     """Validation accuracy on the members' own split, holdout accuracy when labels exist.
 
@@ -54,7 +54,7 @@ def evaluate(model, members: list[Run], way, group_sizes: list[int], dataset: da
     it out (`validation.fitter.held_out_accuracy`), not by all of them, most of which
     trained on it.
     Refits trained on every labelled image, so none is left to validate on: their source
-    trials' validation accuracy is recorded instead (`source_val_accuracy`). `way`: how the
+    trials' validation accuracy is recorded instead (`source_val_accuracy`). `scheme`: how the
     members were validated (`validation.from_runs`); `group_sizes`: how many of the serving
     model's models each member brought (K for a K-fold trial).
     """
@@ -62,10 +62,10 @@ def evaluate(model, members: list[Run], way, group_sizes: list[int], dataset: da
         metrics = {"source_val_accuracy": source_val_accuracy(members)}
     else:
         # by the serving code, on the images the members held out, as their runs recorded
-        # them (`way`); the Keras models are the ones the serving model loaded, member by member
+        # them (`scheme`); the Keras models are the ones the serving model loaded, member by member
         served = iter(model.unwrap_python_model().models)
         models = [[next(served) for _ in range(n)] for n in group_sizes]
-        metrics = {"val_accuracy": way.score(models, dataset, tta, weights)}
+        metrics = {"val_accuracy": scheme.score(models, dataset, tta, weights)}
     if dataset.test_labels is not None:
         metrics["holdout_accuracy"] = float(np.mean(
             predict_labels(model, to_rows(dataset.test_images), batch_size) == dataset.test_labels))

@@ -53,36 +53,36 @@ def check_data(members: list[Run], dataset: data_mod.DigitData) -> None:
 
 
 def register(members: list[Run], search_run: Run | None, tta: bool, dataset: data_mod.DigitData,
-             pol, weights: list[float] | None = None, chosen: str = ""):
+             policy, weights: list[float] | None = None, chosen: str = ""):
     """Log the serving model for the member runs and register it as a new version.
 
     `weights` (one per member, from `--ensemble auto`) weight the members' average, and
     `chosen` says in the description how they were chosen; without them, equal weights."""
     client = MlflowClient()
     key = source_key(members, tta, weights)
-    if version := existing_version(client, pol.model_name, key):
+    if version := existing_version(client, policy.model_name, key):
         log.info("these runs are already version %s of %s; not registering again", version.version,
-                 pol.model_name)
+                 policy.model_name)
         return version
     check_data(members, dataset)
-    way = validation.from_runs(members)
+    scheme = validation.from_runs(members)
     with tempfile.TemporaryDirectory() as tmp:
         artifacts, sizes, model_weights = gather(members, weights, Path(tmp))
         with tracking.open_run(_run_name(members), experiment_id=members[0].info.experiment_id,
                                tags={"digitlab.kind": "promote", "source_key": key,
                                      "members": ",".join(m.info.run_id for m in members)},
                                parent_run_id=_parent(members, search_run)):
-            model_uri, metrics = _log_and_evaluate(members, artifacts, sizes, model_weights, way,
-                                                   dataset, pol, tta, weights)
+            model_uri, metrics = _log_and_evaluate(members, artifacts, sizes, model_weights, scheme,
+                                                   dataset, policy, tta, weights)
             mlflow.log_metrics(metrics)
     with console.library_lines_hidden():
-        version = mlflow.register_model(model_uri, pol.model_name)
-    tags = version_tags(members, search_run, way, dataset, metrics, key, tta, weights, len(artifacts))
+        version = mlflow.register_model(model_uri, policy.model_name)
+    tags = version_tags(members, search_run, scheme, dataset, metrics, key, tta, weights, len(artifacts))
     for name, value in tags.items():
-        client.set_model_version_tag(pol.model_name, version.version, name, value)
-    client.update_model_version(pol.model_name, version.version, description=describe(
-        members, search_run, way, dataset, metrics, tags, tta, chosen, len(artifacts)))
-    return client.get_model_version(pol.model_name, version.version)
+        client.set_model_version_tag(policy.model_name, version.version, name, value)
+    client.update_model_version(policy.model_name, version.version, description=describe(
+        members, search_run, scheme, dataset, metrics, tags, tta, chosen, len(artifacts)))
+    return client.get_model_version(policy.model_name, version.version)
 
 
 def _run_name(members: list[Run]) -> str:
@@ -98,7 +98,7 @@ def _parent(members: list[Run], search_run: Run | None) -> str | None:
     return search_run.info.run_id if search_run else None
 
 
-def _log_and_evaluate(members, artifacts, sizes, model_weights, way, dataset, pol, tta, weights):
+def _log_and_evaluate(members, artifacts, sizes, model_weights, scheme, dataset, policy, tta, weights):
     """The pyfunc model logged into the active run, loaded back and evaluated."""
     from mlflow.models import infer_signature
 
@@ -119,8 +119,8 @@ def _log_and_evaluate(members, artifacts, sizes, model_weights, way, dataset, po
             pip_requirements=[f"{p}=={v}" for p, v in tracking.package_versions().items()],
         )
         model = mlflow.pyfunc.load_model(info.model_uri)
-        return info.model_uri, evaluate(model, members, way, sizes, dataset,
-                                        pol.predict_batch_size, tta, weights)
+        return info.model_uri, evaluate(model, members, scheme, sizes, dataset,
+                                        policy.predict_batch_size, tta, weights)
     except Exception as exc:  # the packaged model fails where the members loaded
         runs = ", ".join(m.info.run_id for m in members)
         raise UserError(f"the serving model of run{'s' if len(members) > 1 else ''} {runs} "
@@ -132,7 +132,7 @@ def _is_final(members: list[Run]) -> bool:
     return all(m.data.tags.get("digitlab.kind") == "final" for m in members)
 
 
-def version_tags(members, search_run, way, dataset, metrics, key, tta, weights, models) -> dict:
+def version_tags(members, search_run, scheme, dataset, metrics, key, tta, weights, models) -> dict:
     """What a version records: its source, data, validation, members, weights and scores."""
     best, refit, final = members[0], is_refit(members), _is_final(members)
     validated = metrics["source_val_accuracy" if refit else "val_accuracy"]
@@ -147,7 +147,7 @@ def version_tags(members, search_run, way, dataset, metrics, key, tta, weights, 
         "ensemble_members": str(models),  # models averaged: members x splits
         "trial_number": best.data.tags.get("trial_number", ""),
         "search_run_id": search_run.info.run_id if search_run else "",
-        **{k: str(v) for k, v in way.version_tags().items()},
+        **{k: str(v) for k, v in scheme.version_tags().items()},
     }
     if weights and not final:
         tags["ensemble"] = "auto"
@@ -169,7 +169,7 @@ def version_tags(members, search_run, way, dataset, metrics, key, tta, weights, 
     return tags
 
 
-def describe(members, search_run, way, dataset, metrics, tags, tta, chosen, models) -> str:
+def describe(members, search_run, scheme, dataset, metrics, tags, tta, chosen, models) -> str:
     """The version's description: what it is, where it comes from, how it scored."""
     best, refit, final = members[0], is_refit(members), _is_final(members)
     kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
@@ -187,7 +187,7 @@ def describe(members, search_run, way, dataset, metrics, tags, tta, chosen, mode
         + (f"trained on all {len(dataset.train_labels)} labelled images for {trained}; its source "
            f"trial{'s' if len(members) > 1 else ''}' validation accuracy {validated:.4f}"
            if refit else f"validation accuracy {validated:.4f}")
-        + way.describe()
+        + scheme.describe()
         + (f", holdout accuracy {metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "")
         + ("; test-time augmentation" if tta else "")
         + (f"; {chosen}" if chosen else "")

@@ -17,7 +17,7 @@ from digitlab.search.ranking import ranked_trials
 log = logging.getLogger("digitlab.registry")
 
 
-def promote(dataset: data_mod.DigitData, pol: Policy, search_run_id: str | None = None,
+def promote(dataset: data_mod.DigitData, policy: Policy, search_run_id: str | None = None,
             run_id: str | None = None, ensemble: int | str | None = None, tta: bool = False,
             min_delta: float | None = None, force: bool = False,
             refit: bool = False) -> tuple[bool, str, object]:
@@ -41,14 +41,14 @@ def promote(dataset: data_mod.DigitData, pol: Policy, search_run_id: str | None 
         if final_runs:
             chosen = ("final models weighted as greedy selection weighed their trials on the "
                       "trials' held-out predictions")
-            return _register_and_gate(client, final_runs, search_run, tta, dataset, pol,
+            return _register_and_gate(client, final_runs, search_run, tta, dataset, policy,
                                       final_weights or None, chosen, min_delta, force)
     ensemble = ensemble or 1
     if ensemble == "auto":
         if run_id:
             raise UserError("--ensemble auto chooses among a search's trials: give --search-run, not --run")
         _, search_run = selection.select(client, experiment_ids, search_run_id, None, 1)
-        choice = ensemble_mod.choose(ranked_trials(client, search_run), pol.auto_ensemble_max)
+        choice = ensemble_mod.choose(ranked_trials(client, search_run), policy.auto_ensemble_max)
         members, weights, chosen = choice.members, choice.weights, choice.describe()
         log.info("--ensemble auto: %s", chosen)
     else:
@@ -59,15 +59,15 @@ def promote(dataset: data_mod.DigitData, pol: Policy, search_run_id: str | None 
         packaging.check_data(members, dataset)
         configs = [refit_mod.refit_config(m) for m in members]
         members = [refit_mod.refit(m, dataset, c) for m, c in zip(members, configs, strict=True)]
-    return _register_and_gate(client, members, search_run, tta, dataset, pol, weights, chosen,
+    return _register_and_gate(client, members, search_run, tta, dataset, policy, weights, chosen,
                               min_delta, force)
 
 
-def _register_and_gate(client, members, search_run, tta, dataset, pol, weights, chosen,
+def _register_and_gate(client, members, search_run, tta, dataset, policy, weights, chosen,
                        min_delta, force) -> tuple[bool, str, object]:
-    version = packaging.register(members, search_run, tta, dataset, pol, weights, chosen)
-    evaluation.load_check(pol.model_name, version.version, dataset, pol.load_check_rows)
+    version = packaging.register(members, search_run, tta, dataset, policy, weights, chosen)
+    evaluation.load_check(policy.model_name, version.version, dataset, policy.load_check_rows)
     moved, message, refused = aliases.gate_and_move(
-        client.get_model_version(pol.model_name, version.version), pol,
-        pol.min_delta if min_delta is None else min_delta, force)
+        client.get_model_version(policy.model_name, version.version), policy,
+        policy.min_delta if min_delta is None else min_delta, force)
     return refused, message, version

@@ -147,7 +147,7 @@ def run_stage(parent_run_id: str, dataset: DigitData, models: int, images: int,
     No model after the first starts that the plan says cannot end before `deadline`
     (time.time()); the first always trains, since the trials' time was cut to leave it room.
     """
-    from digitlab.tracked import tracked_run
+    from digitlab.training_run import tracked_run
     from digitlab.validation import AllImages
 
     client = MlflowClient()

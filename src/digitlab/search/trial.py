@@ -1,6 +1,6 @@
 """One trial, whatever the engine: sampled values -> config overrides -> `tracked_run`,
 recorded as one MLflow run nested under the search's parent run and validated the
-study's way (`digitlab.validation`: one split, or K folds scored out of fold).
+study's validation (`digitlab.validation`: one split, or K folds scored out of fold).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from digitlab import console, train
 from digitlab.data import DigitData
 from digitlab.search.params import decode
 from digitlab.search.search_file import StudyFile
-from digitlab.tracked import Verdict, tracked_run
+from digitlab.training_run import Verdict, tracked_run
 
 log = logging.getLogger("digitlab.search")
 

@@ -124,7 +124,7 @@ class Validation:
             return ""
         return f" ({self.label()}, scored out of fold)" if self.n_splits > 1 else f" ({self.label()})"
 
-    def short(self) -> str:
+    def metric_note(self) -> str:
         return f" ({self.label()})" if self.label_format else ""
 
     def study_suffix(self) -> str:
