@@ -80,6 +80,8 @@ def test_the_search_file_section_and_the_option(workdir):
     assert search_file.load(path).validator == validation.Holdout()
     path.write_text(base + "validation: {folds: 5}\n")
     assert search_file.load(path).validator == validation.KFold(5)
+    path.write_text(base + "validation: {folds: 0}\n")  # as files before the kinds said one split
+    assert search_file.load(path).validator == validation.Holdout()
     path.write_text(base + "validation: {kind: kfold, folds: 5}\n")
     assert search_file.load(path).validator == validation.KFold(5)
     assert search_file.load(path, validation=validation.from_option(None, 3)).validator == validation.KFold(3)

@@ -41,6 +41,8 @@ def default() -> Validation:
 def from_spec(spec: dict, where: str = "validation") -> Validation:
     """A search file's `validation:` section; ConfigError names the key that is wrong."""
     spec = dict(spec or {})
+    if "kind" not in spec and spec.get("folds") == 0:  # before kinds, `folds: 0` was one split
+        spec.pop("folds")
     kind = spec.pop("kind", "kfold" if "folds" in spec else "holdout")
     if kind not in KINDS or not KINDS[kind].holds_out:
         known = ", ".join(k for k, c in KINDS.items() if c.holds_out)
