@@ -13,7 +13,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from digitlab import data as data_mod
-from digitlab import validation
 from digitlab.errors import UserError, one_line
 
 
@@ -30,11 +29,6 @@ def predict_labels(model, rows: pd.DataFrame, batch_size: int,
     labels = [np.asarray(model.predict(rows.iloc[i : i + batch_size])["label"])
               for i in progress(range(0, len(rows), batch_size))]
     return np.concatenate(labels).astype(np.int64) if labels else np.empty(0, dtype=np.int64)
-
-
-def is_refit(members: list[Run]) -> bool:
-    """Trained on every labelled image (refits, final models): nothing left to validate on."""
-    return not validation.from_runs(members).holds_out
 
 
 def source_val_accuracy(members: list[Run]) -> float:
@@ -58,7 +52,7 @@ def evaluate(model, members: list[Run], scheme, group_sizes: list[int], dataset:
     members were validated (`validation.from_runs`); `group_sizes`: how many of the serving
     model's models each member brought (K for a K-fold trial).
     """
-    if is_refit(members):
+    if not scheme.holds_out:  # refits and final models: nothing left to validate on
         metrics = {"source_val_accuracy": source_val_accuracy(members)}
     else:
         # by the serving code, on the images the members held out, as their runs recorded

@@ -17,7 +17,7 @@ from mlflow.entities import Run
 from digitlab import console, tracking, validation
 from digitlab import data as data_mod
 from digitlab.errors import UserError, one_line
-from digitlab.registry.evaluation import evaluate, is_refit, to_rows
+from digitlab.registry.evaluation import evaluate, to_rows
 from digitlab.registry.members import gather
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _is_final(members: list[Run]) -> bool:
 
 def version_tags(members, search_run, scheme, dataset, metrics, key, tta, weights, models) -> dict:
     """What a version records: its source, data, validation, members, weights and scores."""
-    best, refit, final = members[0], is_refit(members), _is_final(members)
+    best, refit, final = members[0], not scheme.holds_out, _is_final(members)
     validated = metrics["source_val_accuracy" if refit else "val_accuracy"]
     tags = {
         "source_key": key,
@@ -171,7 +171,7 @@ def version_tags(members, search_run, scheme, dataset, metrics, key, tta, weight
 
 def describe(members, search_run, scheme, dataset, metrics, tags, tta, chosen, models) -> str:
     """The version's description: what it is, where it comes from, how it scored."""
-    best, refit, final = members[0], is_refit(members), _is_final(members)
+    best, refit, final = members[0], not scheme.holds_out, _is_final(members)
     kind = f"ensemble of {len(members)}" if len(members) > 1 else "single model"
     if models > len(members):  # members of several models each (one per split)
         plural = "s" if len(members) > 1 else ""
